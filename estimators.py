@@ -1,0 +1,162 @@
+"""estimators.py -- the KL estimators k1, k2, k3 and where they go in the RL objective.
+
+RL fine-tuning maximises  J(θ) = E_x[ E_{y~π_θ}[R(x,y)] − β·KL(π_θ(·|x) ‖ π_ref(·|x)) ]  with the
+sequence-level *reverse* KL  KL = E_{y~π_θ}[Σ_t δ_t],  δ_t = log π_θ(y_t|s_t) − log π_ref(y_t|s_t).
+The KL is estimated from the sampled tokens (Schulman's naming, paper §2):
+
+    k1_t = δ_t                        unbiased value          autodiff gradient  g_t
+    k2_t = ½ δ_t²                     biased value            autodiff gradient  δ_t g_t
+    k3_t = e^{−δ_t} − 1 + δ_t          unbiased value, ≥ 0     autodiff gradient  (1 − e^{−δ_t}) g_t
+
+(g_t = ∇_θ log π_θ(y_t|s_t), G(y) = Σ_t g_t). For any estimator K̂ = Σ_t k_t the paper's Eq. 6 splits
+
+    ∇_θ E_{y~π_θ}[K̂]  =  E[Σ_t ∇k_t]   (pathwise: what you get by putting K̂ in the LOSS and autodiffing)
+                      +  E[K̂ · G(y)]    (score function: what you get by subtracting sg(K̂) from the REWARD)
+
+so only "both" terms together are ∇ of the estimator's expectation. What each configuration's expected
+gradient of the KL part equals (β = 1; all on-policy; checked to 1e-8 by exact enumeration in tests/):
+
+    configuration   expected KL gradient                           why
+    --------------  ---------------------------------------------  -------------------------------------------
+    none            0                                              no KL term
+    k1-in-reward    ∇ reverse KL  (unbiased)                       score term of an unbiased value estimate
+    k1-in-loss      exactly 0                                      pathwise E[Σ g_t] = 0: pure noise
+    k1-in-both      ∇ reverse KL                                   both terms of Eq. 6 for an unbiased value
+    k2-in-reward    biased (score term of a biased value)          E[Σ ½δ² · G] is not ∇KL
+    k2-in-loss      token-local partial gradient E[Σ_t δ_t g_t]    misses the future-KL terms (Tang & Munos)
+    k2-in-both      ∇E[Σ k2]: biased (k2's value is biased)        both terms, but of the wrong quantity
+    k3-in-reward    ∇ reverse KL − token-forward-KL gradient       score term = ∇E[Σk3] − pathwise term
+    k3-in-loss      token-forward-KL gradient Σ_t ∇KL(π_ref‖π_θ)   E[(1−r_t) g_t] = −E_{π_ref}[∇log π_θ]
+                    at the states π_θ visits (paper Eq. 41)        (GRPO's default; state weights held fixed)
+    k3-in-both      ∇ reverse KL                                   both terms of Eq. 6 for an unbiased value
+
+`level` only matters for the reward placement: "sequence" subtracts β·Σ_t k_t from the whole sequence's
+reward (the paper's choice), "token" gives token t the reward-to-go penalty β·Σ_{s≥t} k_s (OpenRLHF). The
+dropped past terms Σ_{s<t} k_s are fixed given s_t and E[g_t|s_t] = 0, so every expected gradient above is
+unchanged and only the variance drops.
+
+Off-policy (samples from a behaviour policy μ, ρ_t = π_θ/μ per token), for the loss placement:
+ρ_t·k3_t with ρ_t NOT detached (RPG / DeepSeek-V3.2) and sg(ρ_t)·k2_t both have per-sample gradient
+ρ_t δ_t g_t, whose μ-expectation is the token-level reverse-KL gradient E_{π_θ}[Σ_t δ_t g_t]; plain k3
+gives E_μ[(1 − r_t) g_t], which is neither. On-policy ρ ≡ 1 but must stay in the graph (ρ = π/sg(π)).
+
+Run `python toy.py` for the paper's Figure 2 (bias and variance of each configuration on a toy).
+"""
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Configurations a user types: "none" or "k{1,2,3}-in-{reward,loss,both}"
+# ---------------------------------------------------------------------------------------------------------
+ESTIMATORS = ("k1", "k2", "k3")
+PLACEMENTS = ("reward", "loss", "both")
+KL_CONFIGS = ("none",) + tuple(f"{k}-in-{p}" for k in ESTIMATORS for p in PLACEMENTS)
+LEVELS = ("sequence", "token")
+KL_IS = ("none", "rho", "sg_rho")
+
+# k3 = e^{−δ} − 1 + δ overflows float32 once −δ > 88. We clamp δ at −20 *inside the exponential only*
+# (e^20 ≈ 4.9e8): values are unchanged for δ ≥ −20, i.e. whenever π_θ(y_t) > 2e-9·π_ref(y_t), which covers
+# every token a sampling policy realistically emits. Below that, k3 grows linearly instead of exponentially.
+K3_DELTA_MIN = -20.0
+
+
+def parse_kl(name, level="sequence", kl_is="none"):
+    """'k3-in-loss' -> ('k3', in_reward=False, in_loss=True); 'none' -> (None, False, False).
+
+    Also rejects options that the configuration would silently ignore (a token level without a reward
+    placement, an off-policy weight without a loss placement): a user who asked for them meant something.
+    """
+    est, place = (None, None) if name == "none" else name.partition("-in-")[::2]
+    if name != "none" and (est not in ESTIMATORS or place not in PLACEMENTS):
+        raise ValueError(f"unknown KL configuration {name!r}; choose one of: {', '.join(KL_CONFIGS)}")
+    if level not in LEVELS:
+        raise ValueError(f"unknown KL level {level!r}; choose one of: {', '.join(LEVELS)}")
+    if kl_is not in KL_IS:
+        raise ValueError(f"unknown KL importance weight {kl_is!r}; choose one of: {', '.join(KL_IS)}")
+    in_reward, in_loss = place in ("reward", "both"), place in ("loss", "both")
+    if level == "token" and not in_reward:
+        raise ValueError(f"KL level 'token' (reward-to-go) needs a reward placement; {name!r} has none")
+    if kl_is != "none" and not in_loss:
+        raise ValueError(f"KL importance weight {kl_is!r} applies to the loss placement; {name!r} has none")
+    return est, in_reward, in_loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The three estimators, per token, from the log-ratio δ = log π_θ − log π_ref on the sampled token
+# ---------------------------------------------------------------------------------------------------------
+def k1(delta):
+    return delta
+
+
+def k2(delta):
+    return 0.5 * delta.pow(2)
+
+
+def k3(delta):
+    # expm1 keeps precision near δ = 0, where e^{−δ} − 1 and δ nearly cancel
+    return torch.expm1(-delta.clamp(min=K3_DELTA_MIN)) + delta
+
+
+ESTIMATOR_FNS = {"k1": k1, "k2": k2, "k3": k3}
+
+
+def token_kl(logp, ref_logp, estimator):
+    """Per-token estimate k_t (N, T); differentiable through logp if logp requires grad."""
+    delta = logp - ref_logp                                         # (N, T)  δ_t
+    return ESTIMATOR_FNS[estimator](delta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the estimate goes
+# ---------------------------------------------------------------------------------------------------------
+def kl_reward_penalty(logp, ref_logp, mask, estimator, level="sequence"):
+    """Detached KL penalty to subtract (times β) from the return each token is credited with.
+
+    | tensor   | shape  | meaning                                                        |
+    |----------|--------|----------------------------------------------------------------|
+    | logp     | (N, T) | log π_θ(y_t|s_t) of the sampled tokens (detached here)          |
+    | ref_logp | (N, T) | log π_ref(y_t|s_t)                                              |
+    | mask     | (N, T) | 1 on completion tokens (up to and including EOS), 0 on padding  |
+    | return   | (N, T) | sequence: Σ_s k_s on every token;  token: Σ_{s≥t} k_s (reward-to-go) |
+    """
+    k = token_kl(logp.detach(), ref_logp, estimator) * mask         # (N, T)
+    if level == "sequence":
+        return k.sum(-1, keepdim=True).expand_as(k) * mask          # (N, T) one scalar per sequence
+    if level == "token":
+        return k.flip(-1).cumsum(-1).flip(-1) * mask                # (N, T) Σ_{s≥t} k_s
+    raise ValueError(f"unknown KL level {level!r}; choose one of: {', '.join(LEVELS)}")
+
+
+def kl_loss_term(logp, ref_logp, mask, estimator, behav_logp=None, kl_is="none"):
+    """Differentiable KL term for the loss, summed over each completion: (N,) per sequence.
+
+    Summing (not averaging) over tokens makes it an estimate of the *sequence* KL, not KL/|y|.
+    kl_is picks the off-policy weight w_t on k_t (ρ_t = π_θ/μ; μ = behav_logp, or sg(π_θ) on-policy):
+      "none"   w = 1         (GRPO as written)
+      "rho"    w = ρ_t       with gradient through ρ  (use with k3: RPG / DeepSeek-V3.2)
+      "sg_rho" w = sg(ρ_t)   (use with k2)
+    """
+    k = token_kl(logp, ref_logp, estimator)                         # (N, T) with grad
+    if kl_is != "none":
+        mu_logp = logp.detach() if behav_logp is None else behav_logp
+        rho = torch.exp(logp - mu_logp)                             # (N, T) == 1 on-policy, carries ∇log π
+        k = (rho.detach() if kl_is == "sg_rho" else rho) * k        # (N, T)
+    return (k * mask).sum(-1)                                       # (N,)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact per-token KL over the whole vocabulary (a diagnostic; needs full logits, so only on a few rows)
+# ---------------------------------------------------------------------------------------------------------
+def full_kl(logits, ref_logits, temperature=1.0):
+    """Exact per-position KLs from full logits (..., V) -> three tensors (...):
+
+    reverse = KL(π_θ(·|s) ‖ π_ref(·|s)) = Σ_v π_θ (log π_θ − log π_ref)   what the objective penalises
+    forward = KL(π_ref(·|s) ‖ π_θ(·|s)) = Σ_v π_ref (log π_ref − log π_θ)  what k3-in-loss follows (Eq. 41)
+    entropy = −Σ_v π_θ log π_θ
+    """
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1)          # (..., V) policy
+    logr = torch.log_softmax(ref_logits.float() / temperature, dim=-1)      # (..., V) reference
+    q, r = logq.exp(), logr.exp()
+    reverse = (q * (logq - logr)).sum(-1)
+    forward = (r * (logr - logq)).sum(-1)
+    entropy = -(q * logq).sum(-1)
+    return reverse, forward, entropy

@@ -1,0 +1,403 @@
+"""Tasks and 0/1 rewards shared by train.py and eval.py (the RLVR tasks of the paper, plus small synthetic ones).
+
+    load_task(name, split="train", n=None, seed=0, path=None) -> list of {"question": str, "answer": str, ...}
+    reward(name, completion, example) -> 1.0 if the completion solves the example else 0.0 (never executes text)
+    build_prompt(tokenizer, question) -> the prompt string given to the model
+
+    exs = load_task("math500", "test", n=50)
+    prompts = [build_prompt(tok, ex["question"]) for ex in exs]
+    rewards = [reward("math500", text, ex) for text, ex in zip(completions, exs)]
+
+Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed held-out set of 500, "train" a stream of
+10,000 (or n) that never contains a test problem; `seed` only changes the train stream):
+  arith      question f"{a}+{b}=" with a, b uniform in [0, 99], answer str(a + b). The tiny model in assets/ is
+             pretrained on exactly this, around these 500 held-out test pairs (so they must never change).
+  arith_ood  the same with a, b in [100, 999].
+  countdown  3 or 4 numbers in [1, 30] and a target in [1, 200] built from a random expression over all of them,
+             so every problem is solvable; answer = that reference expression (plus "numbers" and "target").
+             The model must put an expression using + - * / and parentheses, each number exactly once, inside
+             <answer>...</answer> (no tags: its last non-empty line is read); "= target" after it is ignored.
+
+Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read with datasets' "json"/"parquet" builders; the file
+is the data and `split` is ignored) or a Hugging Face Hub id (default below). With HF_HUB_OFFLINE=1 a hub id that is
+not in the local cache fails at once with a TaskError: pass a local file instead. Rows must have these fields:
+  math       hub "DigitalLearningGmbH/MATH-lighteval" (splits train 7,500 / test 5,000):
+             problem (str), solution (str, LaTeX with the final answer in \\boxed{...}), level (str), type (str).
+             answer = the last \\boxed{} of solution, or the row's own "answer" field (str) when present.
+  math500    hub "HuggingFaceH4/MATH-500" (split test, 500 rows):
+             problem, solution, answer (str, LaTeX), subject (str), level (int), unique_id (str).
+  mmlu_college_{physics,chemistry,biology}   hub "cais/mmlu", config "college_physics" etc. (split test; also
+             validation, dev): question (str), subject (str), choices (list of 4 str), answer (int 0-3).
+Question for math/math500: problem + "\\n\\nPut your final answer within \\boxed{}."; graded by math-verify on the
+completion's last \\boxed{}. For mmlu: question, choices as "A. ..." lines, and a request to end with "Answer: X".
+For the train split of a data set the rows are shuffled with `seed`; test keeps file order. `n` keeps the first n.
+A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
+
+Rewards (1.0 or 0.0; the completion is decoded text; it is only parsed, never executed):
+  arith, arith_ood  the last integer (-?\\d+) in the completion equals the answer.
+  countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
+             exactly (Fractions) to the target.
+  math, math500  math-verify finds the completion's last \\boxed{...} equal to the answer; it runs in a child process
+             that is killed after GRADE_TIMEOUT s, so no answer can hang a run. No \\boxed{} scores 0.
+  mmlu_*     the letter from mmlu_letter(): \\boxed{B}, then "Answer: B", then a line that is just "B", then "(B)".
+"""
+import ast
+import atexit
+import json
+import os
+import random
+import re
+import select
+import subprocess
+import sys
+import threading
+from fractions import Fraction
+
+
+class TaskError(ValueError):
+    """Bad task input (unknown task or split, missing file, malformed row, empty data set). str(e) is one line."""
+
+
+TASKS = {
+    "arith": "a+b= with a, b in [0, 99] (synthetic; the tiny model's pretraining task)",
+    "arith_ood": "a+b= with a, b in [100, 999] (synthetic; out of domain for a model trained on arith)",
+    "countdown": "reach a target from 3-4 numbers with + - * / (synthetic; expression in <answer></answer>)",
+    "math": "MATH (Hendrycks) competition problems, answer in \\boxed{} (hub or local file)",
+    "math500": "MATH-500 test problems, answer in \\boxed{} (hub or local file)",
+    "mmlu_college_physics": "MMLU college physics, 4-choice letter answer (hub or local file)",
+    "mmlu_college_chemistry": "MMLU college chemistry, 4-choice letter answer (hub or local file)",
+    "mmlu_college_biology": "MMLU college biology, 4-choice letter answer (hub or local file)",
+}
+# name -> (default hub id, config, hub splits)
+HUB = {"math": ("DigitalLearningGmbH/MATH-lighteval", None, ("train", "test")),
+       "math500": ("HuggingFaceH4/MATH-500", None, ("test",))}
+HUB.update({f"mmlu_{s}": ("cais/mmlu", s, ("test", "validation", "dev"))
+            for s in ("college_physics", "college_chemistry", "college_biology")})
+FILE_TYPES = (".jsonl", ".json", ".parquet")
+MATH_INSTRUCTION = "\n\nPut your final answer within \\boxed{}."
+MMLU_INSTRUCTION = ("\n\nChoose the correct option. End your response with a line of the form "
+                    "\"Answer: X\", where X is A, B, C or D.")
+N_TEST, N_TRAIN = 500, 10_000
+CD_MAX_NUMBER, CD_MAX_TARGET = 30, 200
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+def load_task(name, split="train", n=None, seed=0, path=None):
+    """Examples of task `name`: dicts with "question" (the full user message) and "answer" (str), at most n."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise TaskError(f"{name}: n must be a positive integer or None, got {n!r}")
+    if name not in HUB:
+        if path is not None:
+            raise TaskError(f"{name} is synthetic and reads no file; drop path={path!r}")
+        if split not in ("train", "test"):
+            raise TaskError(f"{name}: unknown split {split!r}; choose train or test")
+        return _synthetic(name, split, n, seed)
+    rows, src = _read_rows(name, split, path)
+    examples = [_example(name, row, i, src) for i, row in enumerate(rows)]
+    if not examples:
+        raise TaskError(f"{name}: {src} has no rows")
+    if split == "train":
+        random.Random(seed).shuffle(examples)
+    return examples[:n]
+
+
+def _synthetic(name, split, n, seed):
+    """A fixed held-out test set and a seeded train stream that never contains a test problem."""
+    lo, hi = (100, 999) if name == "arith_ood" else (0, 99)
+
+    def make(rng):
+        if name == "countdown":
+            return _countdown_problem(rng)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return {"question": f"{a}+{b}=", "answer": str(a + b)}
+
+    def key(ex):  # countdown: the same numbers in another order with the same target are the same problem
+        return (tuple(sorted(ex["numbers"])), ex["target"]) if "numbers" in ex else ex["question"]
+
+    if name == "arith":  # all pairs in the same fixed shuffle as tiny_model.py's fallback: the same 500 held out
+        pairs = [(a, b) for a in range(100) for b in range(100)]
+        random.Random("arith-False-0").shuffle(pairs)
+        test = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs[:N_TEST]]
+    else:
+        rng, test = random.Random(f"{name}-test"), {}
+        while len(test) < N_TEST:
+            ex = make(rng)
+            test.setdefault(key(ex), ex)
+        test = list(test.values())
+    if split == "test":
+        return test[:n]
+    rng, held, train = random.Random(f"{name}-train-{seed}"), {key(ex) for ex in test}, []
+    while len(train) < (n or N_TRAIN):
+        ex = make(rng)
+        if key(ex) not in held:
+            train.append(ex)
+    return train
+
+
+def _countdown_problem(rng):
+    """Random numbers and a target built from a random expression over all of them, with whole-number steps."""
+    while True:
+        nums = [rng.randint(1, CD_MAX_NUMBER) for _ in range(rng.choice((3, 4)))]
+        items = [(Fraction(x), str(x)) for x in nums]
+        while len(items) > 1:
+            (a, ea), (b, eb) = items.pop(rng.randrange(len(items))), items.pop(rng.randrange(len(items)))
+            op = rng.choice("+-*/")
+            if a < b and op in "-/":
+                (a, ea), (b, eb) = (b, eb), (a, ea)
+            if (op == "-" and a == b) or (op == "/" and a % b):  # keep intermediate results positive whole numbers
+                op = rng.choice("+*")
+            items.append(({"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op], f"({ea} {op} {eb})"))
+        target, expr = items[0]
+        if 1 <= target <= CD_MAX_TARGET:
+            break
+    question = (f"Using the numbers {nums}, create an equation that equals {target}. You can use +, -, *, / and "
+                "parentheses, and must use each number exactly once. Give your final expression, without '=' and the "
+                "result, inside <answer></answer> tags, for example <answer>(1 + 2) * 3</answer>.")
+    return {"question": question, "answer": expr[1:-1], "numbers": nums, "target": int(target)}
+
+
+def _read_rows(name, split, path):
+    hub_id, config, splits = HUB[name]
+    src = path or hub_id
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"{name}: reading {src} needs the 'datasets' package (pip install datasets)") from None
+    if os.path.exists(src) or src.lower().endswith(FILE_TYPES):
+        if not os.path.isfile(src):
+            raise TaskError(f"{name}: file not found: {src}")
+        if not src.lower().endswith(FILE_TYPES):
+            raise TaskError(f"{name}: {src}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
+        if os.path.getsize(src) == 0:
+            raise TaskError(f"{name}: {src} is empty")
+        try:
+            builder = "parquet" if src.lower().endswith(".parquet") else "json"
+            return datasets.load_dataset(builder, data_files=src, split="train").to_list(), src
+        except Exception as e:
+            raise TaskError(f"{name}: cannot read {src}: {_one_line(e)}") from None
+    if src == hub_id and split not in splits:
+        raise TaskError(f"{name}: {hub_id} has no split {split!r}; choose from: {', '.join(splits)}")
+    try:
+        return datasets.load_dataset(src, config, split=split).to_list(), src
+    except Exception as e:
+        if datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise TaskError(f"{name}: {src!r} is not in the local Hugging Face cache and the Hub is offline (HF_HUB_"
+                            "OFFLINE=1); pass a local .jsonl/.parquet file via path (schemas: tasks.py)") from None
+        raise TaskError(f"{name}: cannot load {src!r} (config {config}, split {split}) from the Hugging Face Hub: "
+                        f"{_one_line(e)}") from None
+
+
+def _one_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _example(name, row, i, src):
+    """One data-set row -> example; a malformed row is a TaskError naming it (no silent skipping)."""
+    def bad(what):
+        return TaskError(f"{name}: {src} row {i}: {what}")
+
+    def text(key):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise bad(f"field {key!r} is missing or not a non-empty string")
+        return row[key]
+
+    if name.startswith("mmlu_"):
+        question, choices, answer = text("question"), row.get("choices"), row.get("answer")
+        if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
+            raise bad("field 'choices' must be a list of 4 strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer <= 3:
+            raise bad(f"field 'answer' must be an int 0-3, got {answer!r}")
+        lines = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices))
+        return {"question": f"{question.strip()}\n\n{lines}{MMLU_INSTRUCTION}", "answer": "ABCD"[answer],
+                "subject": row.get("subject") or name[5:]}
+    problem, answer = text("problem"), row.get("answer")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        answer = last_boxed(text("solution"))
+        if answer is None:
+            raise bad("no 'answer' field and no \\boxed{...} in 'solution'")
+    elif not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise bad(f"field 'answer' must be a string, got {type(answer).__name__}")
+    ex = {"question": problem.strip() + MATH_INSTRUCTION, "answer": str(answer).strip()}
+    if row.get("unique_id"):
+        ex["id"] = row["unique_id"]
+    return ex
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards: 1.0 if correct else 0.0. Model output is only parsed (regex, ast, LaTeX), never executed.
+# ---------------------------------------------------------------------------------------------------------------------
+def reward(name, completion, example):
+    """0/1 correctness of `completion` (decoded text, special tokens skipped) for `example` from load_task(name)."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
+    if not isinstance(completion, str):
+        return 0.0
+    if name in ("arith", "arith_ood"):
+        ints = re.findall(r"-?\d+", completion)  # the last integer, so "12+5=17" or "The sum is 17." both count
+        return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))
+    if name == "countdown":
+        return float(countdown_value(_countdown_expr(completion), example["numbers"]) == example["target"])
+    if name in ("math", "math500"):
+        return _math_reward(completion, example["answer"])
+    return float(mmlu_letter(completion) == example["answer"])
+
+
+def _countdown_expr(completion):
+    tags = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.S)
+    lines = [line for line in completion.splitlines() if line.strip()]
+    expr = tags[-1] if tags else (lines[-1] if lines else "")
+    expr = expr.split("=")[0]  # "(3 + 5) * 2 = 16": only the left side is graded
+    return expr.replace("×", "*").replace("÷", "/").replace("−", "-").strip().rstrip(".").strip()
+
+
+def countdown_value(expr, numbers):
+    """Exact value (Fraction) of an arithmetic expression that uses each of `numbers` exactly once, else None.
+
+    Allowed: int literals, + - * / and parentheses; no unary minus (a number must be used as given), no **, //, names
+    or calls. The text is checked with a character whitelist, parsed with ast (parsing runs nothing) and the tree is
+    evaluated here with Fractions, so the result is exact and nothing in the text is ever executed.
+    """
+    if not expr or len(expr) > 200 or not re.fullmatch(r"[\d\s+\-*/()]+", expr):
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    used, ops = [], {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
+                     ast.Div: Fraction.__truediv__}
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError("disallowed syntax")
+
+    try:
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+    return value if sorted(used) == sorted(numbers) else None
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}) in text with braces matched, or None (also if unclosed)."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    j = i
+    while text[j:j + 1] == " ":
+        j += 1
+    if text[j:j + 1] != "{":  # "\boxed 5" (no braces): the token after the space, up to a space or $
+        m = re.match(r"[^\s${}]+", text[j:]) if j > i else None
+        return m.group(0) if m else None
+    depth, i = 0, j
+    while j < len(text):
+        c = text[j]
+        if c == "\\":  # \{ and \} are literal braces, not grouping
+            j += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return text[i + 1:j].strip()
+        j += 1
+    return None
+
+
+# math-verify runs in a child process that is killed after GRADE_TIMEOUT seconds: sympy can take forever on a short
+# adversarial answer (9^{9^{9^9}} is one C-level big-int power, (a+1)(b+1)...(z+1) expands to 2^25 terms), and
+# math-verify's own timeouts use signal.alarm, which fails outside the main thread and cannot interrupt C code anyway.
+# Inside the child: parse/verify with timeouts off (as recommended for threads), the LaTeX extractor only for model
+# text (the plain-expression extractor calls sympy's parse_expr, i.e. eval), and a 4 GiB memory cap.
+GRADE_TIMEOUT = 10.0
+_GRADER_CODE = r"""
+import json, logging, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+logging.disable(logging.WARNING)
+out, sys.stdout = sys.stdout, sys.stderr  # a stray print in a library must not be taken for a verdict
+from math_verify import LatexExtractionConfig, parse, verify
+golds = {}
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    gold, pred = json.loads(line)
+    try:
+        if gold not in golds:
+            golds[gold] = parse("$" + gold + "$", parsing_timeout=None)
+        got = parse("\\boxed{" + pred + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+        ok = bool(got) and verify(golds[gold], got, timeout_seconds=None)
+    except Exception:
+        ok = False
+    print(int(bool(ok)), file=out, flush=True)
+"""
+_grader = {"proc": None}
+_grader_lock = threading.Lock()
+
+
+def _math_reward(completion, answer):
+    pred = last_boxed(completion)
+    if not pred or len(pred) > 1000:
+        return 0.0
+    with _grader_lock:  # one request at a time: callers may grade from several threads
+        proc = _grader["proc"] = _grader["proc"] or _start_grader()
+        try:
+            proc.stdin.write(json.dumps([str(answer), pred]) + "\n")
+            proc.stdin.flush()
+            verdict = _reply(proc, GRADE_TIMEOUT)
+        except OSError:  # the child died (e.g. out of memory)
+            verdict = ""
+        if verdict:
+            return float(verdict.strip() == "1")
+        _stop_grader()  # too slow or dead: a fresh grader next time
+        return 0.0
+
+
+def _start_grader():
+    proc = subprocess.Popen([sys.executable, "-c", _GRADER_CODE], text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if _reply(proc, 120.0).strip() != "ready":  # it imports sympy: a few seconds, more on a cold disk
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError("the math reward's grader process did not start (pip install math-verify?)")
+    return proc
+
+
+@atexit.register
+def _stop_grader():
+    proc, _grader["proc"] = _grader["proc"], None
+    if proc is not None:
+        proc.kill()
+        proc.communicate()  # reaps it and closes the pipes
+
+
+def _reply(proc, timeout):
+    """One line from the grader, or "" if none came within timeout seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+def mmlu_letter(text):
+    """The answer letter A-D of a multiple-choice completion, or None. Most explicit form wins, then the last one:
+    \\boxed{B}, then "answer: B" / "answer is (B)", then a line that is only the letter, then "(B)"."""
+    for pattern in (r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-D])\)?\s*\}",
+                    r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*[*_]*\s*\(?([A-D])\b",
+                    r"(?m)^\s*[*_]*\(?([A-D])\)?[*_]*[.:)]?\s*$",
+                    r"\(([A-D])\)"):
+        found = re.findall(pattern, text)
+        if found:
+            return found[-1]
+    return None
+
+
+def build_prompt(tokenizer, question):
+    """The model's prompt: the chat template with a generation prompt if the tokenizer has one, else the question.
+    tokenize=False always: with tokenize=True transformers 5 returns a dict, not ids."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return question

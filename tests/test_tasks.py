@@ -1,0 +1,268 @@
+"""Tests of tasks.py: synthetic generators, loaders on the fixtures, rewards (incl. adversarial input), errors."""
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+import pytest
+
+import tasks
+from tasks import TaskError, load_task, reward
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+# ----------------------------------------------------------------------------------------------------------- arith
+def test_task_names():
+    assert set(tasks.TASKS) == {"arith", "arith_ood", "countdown", "math", "math500", "mmlu_college_physics",
+                                "mmlu_college_chemistry", "mmlu_college_biology"}
+
+
+def pairs(examples):
+    out = []
+    for ex in examples:
+        m = re.fullmatch(r"(\d+)\+(\d+)=", ex["question"])
+        assert m, ex["question"]
+        a, b = int(m.group(1)), int(m.group(2))
+        assert ex["answer"] == str(a + b)
+        out.append((a, b))
+    return out
+
+
+def test_arith_format_determinism_and_disjoint_splits():
+    train, test = load_task("arith", "train"), load_task("arith", "test")
+    assert len(train) == tasks.N_TRAIN and len(test) == tasks.N_TEST == 500
+    tr, te = pairs(train), pairs(test)
+    assert all(0 <= x <= 99 for p in tr + te for x in p)
+    assert len(set(te)) == 500 and not set(tr) & set(te) and len(set(tr)) > 5000
+    assert load_task("arith", "train", seed=0) == train
+    assert load_task("arith", "train", seed=1) != train
+    assert load_task("arith", "test", seed=7) == test  # the held-out set does not move with the seed
+    # the assets/tiny-arith model was trained around exactly these held-out pairs: they must never change
+    assert [ex["question"] for ex in test[:3]] == ["56+51=", "71+50=", "73+93="]
+    other = pairs(load_task("arith", "train", n=20000, seed=3))
+    assert len(other) == 20000 and not set(other) & set(te) and len(set(other)) > 8000
+    assert len(load_task("arith", "test", n=10)) == 10
+
+
+def test_arith_ood_range_and_disjoint():
+    train, test = pairs(load_task("arith_ood", "train", n=3000)), pairs(load_task("arith_ood", "test"))
+    assert len(test) == len(set(test)) == 500
+    assert all(100 <= x <= 999 for p in train + test for x in p)
+    assert not set(train) & set(test)
+    assert pairs(load_task("arith_ood", "train", n=3000)) == train
+
+
+@pytest.mark.parametrize("text,ok", [("81", 1.0), (" 81\n", 1.0), ("The sum is 81.", 1.0), ("40+41=81", 1.0),
+                                     ("80", 0.0), ("81 or 82", 0.0), ("-81", 0.0), ("", 0.0), ("eighty-one", 0.0),
+                                     ("8" * 5000, 0.0)])
+def test_arith_reward(text, ok):
+    assert reward("arith", text, {"question": "40+41=", "answer": "81"}) == ok
+
+
+# ----------------------------------------------------------------------------------------------------------- countdown
+def test_countdown_generated_problems_are_solvable_and_splits_disjoint():
+    test, train = load_task("countdown", "test"), load_task("countdown", "train", n=2000, seed=1)
+    key = lambda ex: (tuple(sorted(ex["numbers"])), ex["target"])  # noqa: E731
+    assert len(test) == 500 and not {key(e) for e in train} & {key(e) for e in test}
+    for ex in test + train:
+        assert len(ex["numbers"]) in (3, 4) and all(1 <= x <= tasks.CD_MAX_NUMBER for x in ex["numbers"])
+        assert 1 <= ex["target"] <= tasks.CD_MAX_TARGET
+        assert str(ex["numbers"]) in ex["question"] and str(ex["target"]) in ex["question"]
+        assert reward("countdown", f"<answer>{ex['answer']}</answer>", ex) == 1.0, ex
+    assert load_task("countdown", "train", n=50, seed=1) == train[:50]
+    assert load_task("countdown", "train", n=50, seed=2) != train[:50]
+
+
+CD = {"numbers": [3, 5, 2], "target": 16, "answer": "(3 + 5) * 2"}
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("<answer>(3 + 5) * 2</answer>", 1.0),
+    ("I think so.\n<answer> 2*(5+3) = 16 </answer>", 1.0),           # "= target" is ignored
+    ("Let me try.\n(5 + 3) × 2", 1.0),                              # no tags: last line
+    ("<answer>3 + 5 + 2</answer>", 0.0),                            # wrong value
+    ("<answer>(3 + 5) * 2</answer> no wait <answer>3*5+2</answer>", 0.0),  # the last answer counts
+    ("<answer>3*5+2</answer> no wait <answer>(3+5)*2</answer>", 1.0),
+    ("<answer>(3 + 5) * 2 * 1</answer>", 0.0),                      # a number not given
+    ("<answer>(3 + 5) * (2 + 3 - 3)</answer>", 0.0),                # reused numbers
+    ("<answer>8 * 2</answer>", 0.0),                                # not every number used
+    ("<answer>(3 + 5) ** 2 / 4</answer>", 0.0),                     # ** is not allowed
+    ("<answer>(3 + 5) // 1 * 2</answer>", 0.0),                     # nor //
+    ("<answer>-(3 - 5) * 2 * 4</answer>", 0.0),                     # nor unary minus
+    ("<answer>16</answer>", 0.0), ("", 0.0), ("<answer></answer>", 0.0), ("<answer>(3 + 5 * 2</answer>", 0.0),
+])
+def test_countdown_reward(text, ok):
+    assert reward("countdown", text, CD) == ok
+
+
+def test_countdown_arithmetic_is_exact():
+    ex = {"numbers": [8, 3, 8, 3], "target": 24}  # 8 / (3 - 8/3) = 24 exactly, 23.99999999999999 in floats
+    assert reward("countdown", "<answer>8 / (3 - 8 / 3)</answer>", ex) == 1.0
+    assert reward("countdown", "<answer>8 / (3 - 3 / 8)</answer>", ex) == 0.0
+    assert reward("countdown", "<answer>8 / (3 - 3) + 8 + 3</answer>", ex) == 0.0  # division by zero
+
+
+ADVERSARIAL = ["__import__('os').system('touch {p}')", "open('{p}', 'w').write('x')", "().__class__.__bases__[0]",
+               "9**9**9**9", "9**9**9**9**9**9", "(" * 5000 + "1" + ")" * 5000, "1" * 100_000, "1+" * 50_000 + "1",
+               "lambda: 0", "\x00", "{p}", "\\input{{p}}", "\\boxed{__import__('os').system('touch {p}')}"]
+
+
+@pytest.mark.parametrize("name", ["arith", "countdown", "mmlu_college_physics"])
+def test_adversarial_text_scores_zero_fast_without_side_effects(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ex = {"answer": "81", "numbers": [9, 9, 9, 9], "target": 24} if name != "mmlu_college_physics" else {"answer": "B"}
+    for text in ADVERSARIAL:
+        text = text.replace("{p}", str(tmp_path / "PWNED"))
+        for completion in (text, f"<answer>{text}</answer>", f"\\boxed{{{text}}}"):
+            t = time.time()
+            assert reward(name, completion, ex) == 0.0
+            assert time.time() - t < 1.0
+    assert not (tmp_path / "PWNED").exists() and not list(tmp_path.iterdir())
+
+
+def test_math_adversarial_answers_cannot_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks, "GRADE_TIMEOUT", 1.5)
+    ex = {"answer": "2"}
+    for text in ADVERSARIAL + ["9^{9^{9^{9}}}", "(a+1)(b+1)(c+1)(d+1)(f+1)(g+1)(h+1)(i+1)(j+1)(k+1)(m+1)(n+1)"
+                               "(o+1)(p+1)(q+1)(r+1)(s+1)(t+1)(u+1)(v+1)(w+1)(x+1)(y+1)(z+1)"]:
+        t = time.time()
+        assert reward("math", "\\boxed{" + text.replace("{p}", str(tmp_path / "PWNED")) + "}", ex) == 0.0
+        assert time.time() - t < 15.0, text  # the grader is killed after 1.5 s and restarted
+    assert not (tmp_path / "PWNED").exists()
+    assert reward("math", "\\boxed{2}", ex) == 1.0  # the grader recovers after being killed
+
+
+# ----------------------------------------------------------------------------------------------------------- math
+@pytest.mark.parametrize("text,expected", [
+    ("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"), ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"), ("\\boxed{\\}}", "\\}"),  # escaped braces are not grouping
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"), ("$\\boxed 5$", "5"),
+    ("\\fbox{7}", "7"), ("\\boxed{1} and \\boxed{2", None), ("no box", None), ("\\boxed", None), ("\\boxed{}", ""),
+])
+def test_last_boxed(text, expected):
+    assert tasks.last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("completion,answer,ok", [
+    ("Hence $\\boxed{\\frac12}$.", "0.5", 1.0), ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{0.49}", "\\frac12", 0.0), ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+    ("\\boxed{\\text{(E)}}", "\\text{(E)}", 1.0), ("\\boxed{E}", "\\text{(E)}", 1.0),
+    ("\\boxed{(3,\\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0), ("\\boxed{3, 2}", "2, 3", 1.0),
+    ("\\boxed{7} no, \\boxed{56}", "56", 1.0), ("\\boxed{56} no, \\boxed{7}", "56", 0.0),
+    ("The answer is 56.", "56", 0.0), ("\\boxed{56", "56", 0.0), ("", "56", 0.0),
+])
+def test_math_reward(completion, answer, ok):
+    assert reward("math", completion, {"answer": answer}) == ok
+    assert reward("math500", completion, {"answer": answer}) == ok
+
+
+def test_math_reward_from_worker_threads():
+    exs = load_task("math500", "test", path=str(FIX / "math500.jsonl"))
+    jobs = [(f"So the answer is $\\boxed{{{ex['answer']}}}$.", ex, 1.0) for ex in exs]
+    jobs += [("\\boxed{12345}", ex, 0.0) for ex in exs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: reward("math500", job[0], job[1]), jobs * 2))
+    assert got == [want for _, _, want in jobs * 2]
+
+
+# ----------------------------------------------------------------------------------------------------------- mmlu
+@pytest.mark.parametrize("text,letter", [
+    ("Answer: B", "B"), ("The answer is (C).", "C"), ("\\boxed{D}", "D"), ("$\\boxed{\\text{A}}$", "A"), ("B", "B"),
+    ("B.", "B"), ("**Answer:** C", "C"), ("(A) is tempting, but the answer is D", "D"),
+    ("(A) is tempting, yet (C) fits", "C"), ("A. 3 m/s\nB. 4 m/s\nSo the answer: B", "B"), ("Answer: B\n\nC", "B"),
+    ("\\boxed{C}\nAnswer: A", "C"), ("Because energy", None), ("\\boxed{Because}", None), ("", None),
+    ("the answer is a vector", None), ("A. 1\nB. 2", None),
+])
+def test_mmlu_letter(text, letter):
+    assert tasks.mmlu_letter(text) == letter
+
+
+def test_mmlu_loader_and_reward():
+    exs = load_task("mmlu_college_physics", "test", path=str(FIX / "mmlu_college_physics.jsonl"))
+    assert [ex["answer"] for ex in exs] == ["B", "B", "A", "D"]
+    assert "\nA. 1 s\nB. 2 s\nC. 4 s\nD. 20 s\n" in exs[0]["question"] and "Answer: X" in exs[0]["question"]
+    assert reward("mmlu_college_physics", "t = sqrt(2h/g) = 2 s.\nAnswer: B", exs[0]) == 1.0
+    assert reward("mmlu_college_physics", "Answer: C", exs[0]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------- loaders
+def test_math_loader_on_fixtures(tmp_path):
+    path = str(FIX / "math_train.jsonl")
+    test = load_task("math", "test", path=path)
+    assert [ex["answer"] for ex in test] == ["\\frac{7}{8}", "6", "9", "4\\sqrt{2}", "2, 3"]
+    assert all(ex["question"].endswith("Put your final answer within \\boxed{}.") for ex in test)
+    train = load_task("math", "train", path=path, seed=0)
+    assert sorted(e["answer"] for e in train) == sorted(e["answer"] for e in test)
+    assert train == load_task("math", "train", path=path, seed=0)
+    assert len({tuple(e["answer"] for e in load_task("math", "train", path=path, seed=s)) for s in range(5)}) > 1
+    assert len(load_task("math", "test", path=path, n=2)) == 2
+    m500 = load_task("math500", "test", path=str(FIX / "math500.jsonl"))
+    assert [ex["answer"] for ex in m500][:3] == ["56", "\\frac{1}{3}", "5\\sqrt{2}"]
+    assert m500[0]["id"] == "test/counting_and_probability/101.json"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"problem": "Compute $1+1$.", "solution": "$1+1=\\boxed{2}$."}]),
+                   tmp_path / "m.parquet")
+    assert load_task("math", "test", path=str(tmp_path / "m.parquet"))[0]["answer"] == "2"
+
+
+def one_line_error(*args, **kwargs):
+    with pytest.raises(TaskError) as e:
+        load_task(*args, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_loader_errors(tmp_path):
+    assert "unknown task 'gsm8k'" in one_line_error("gsm8k")
+    assert "split" in one_line_error("arith", "validation")
+    assert "synthetic" in one_line_error("arith", path="x.jsonl")
+    assert "n must be" in one_line_error("arith", n=0)
+    assert "not found" in one_line_error("math", path=str(tmp_path / "missing.jsonl"))
+    assert "row 1" in one_line_error("math", path=str(FIX / "math_malformed.jsonl"))
+    assert "row 1" in one_line_error("mmlu_college_physics", "test", path=str(FIX / "mmlu_malformed.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty" in one_line_error("math", path=str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"problem": "x", "solution": "\\\\boxed{1}"}\n{"problem": 3\n')
+    assert "cannot read" in one_line_error("math", path=str(tmp_path / "bad.jsonl"))
+    (tmp_path / "types.jsonl").write_text('{"problem": "x", "solution": "\\\\boxed{1}"}\n'
+                                          '{"problem": 3, "solution": "y"}\n')
+    assert str(tmp_path / "types.jsonl") in one_line_error("math", path=str(tmp_path / "types.jsonl"))
+    (tmp_path / "data.csv").write_text("problem,solution\n")
+    assert "unsupported" in one_line_error("math", path=str(tmp_path / "data.csv"))
+    assert "no split 'train'" in one_line_error("math500", "train")
+    with pytest.raises(TaskError):
+        reward("gsm8k", "1", {"answer": "1"})
+
+
+def test_offline_hub_id_fails_fast_with_a_hint(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    for name in ("math", "math500", "mmlu_college_biology"):
+        t = time.time()
+        msg = one_line_error(name, "test")
+        assert "offline" in msg and "path" in msg and time.time() - t < 10
+
+
+# ----------------------------------------------------------------------------------------------------------- prompt
+class FakeTokenizer:
+    def __init__(self, template):
+        self.chat_template, self.calls = template, []
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.calls.append((messages, kwargs))
+        return "<|user|>" + messages[0]["content"] + "<|assistant|>"
+
+
+def test_build_prompt():
+    tok = FakeTokenizer("{{ messages }}")
+    assert tasks.build_prompt(tok, "1+2=") == "<|user|>1+2=<|assistant|>"
+    assert tok.calls == [([{"role": "user", "content": "1+2="}], {"tokenize": False, "add_generation_prompt": True})]
+    plain = FakeTokenizer(None)
+    assert tasks.build_prompt(plain, "1+2=") == "1+2=" and plain.calls == []

@@ -1,0 +1,214 @@
+"""Tests for eval.py: the statistics against oracles, then the model path on the tiny model (offline, CPU)."""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as ev  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (5, 0, 3), (5, 2, 1), (5, 2, 3), (5, 2, 4), (6, 3, 2),
+                                   (8, 1, 8), (8, 5, 3), (10, 3, 5), (12, 7, 6), (12, 12, 4)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    """Oracle: the fraction of all k-subsets of the n samples (the first c correct) containing a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+    assert ev.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_large_n_is_stable():
+    n, c, k = 200, 30, 100           # C(200, 100) ~ 9e58: the naive float ratio loses precision or overflows
+    exact = 1 - math.comb(n - c, k) / math.comb(n, k)   # python ints: exact
+    assert ev.pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-12)
+    assert ev.pass_at_k(n, 1, 1) == pytest.approx(1 / n)
+
+
+def _records(correct_greedy, correct_samples, length=3):
+    return [{"id": i, "index": i, "question": f"q{i}", "answer": "0",
+             "greedy": {"correct": bool(g), "length": length, "truncated": False, "text": ""},
+             "samples": {"correct": [bool(x) for x in s], "length": [length] * len(s), "truncated": [False] * len(s)}}
+            for i, (g, s) in enumerate(zip(correct_greedy, correct_samples))]
+
+
+def test_per_problem_means():
+    recs = _records([1, 0, 1, 1], [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    cols = ev.per_problem(recs)
+    assert cols["greedy acc"].mean() == 0.75
+    assert cols["pass@1"].mean() == pytest.approx((0.25 + 0 + 1 + 0.5) / 4)     # = mean sample accuracy
+    assert cols["pass@4"].mean() == 0.75                                          # any of the 4 correct
+    assert set(cols) == {"greedy acc", "pass@1", "pass@2", "pass@3", "pass@4", "greedy len", "greedy trunc",
+                         "sample len", "sample trunc"}
+
+
+def test_bootstrap_ci_coverage():
+    """200 simulated Bernoulli data sets of 100 problems: the 95% CI should cover the true mean ~95% of the time."""
+    rng, p, covered = np.random.default_rng(0), 0.3, 0
+    for d in range(200):
+        s = ev.summarize({"acc": rng.binomial(1, p, 100).astype(float)}, 1000, seed=d)["acc"]
+        covered += s["lo"] <= p <= s["hi"]
+    assert 0.90 <= covered / 200 <= 0.99, covered
+
+
+def test_bootstrap_is_seeded():
+    x = {"acc": np.random.default_rng(1).binomial(1, 0.5, 50).astype(float)}
+    assert ev.summarize(x, 500, seed=3) == ev.summarize(x, 500, seed=3)
+
+
+def test_paired_bootstrap_detects_real_difference_not_null():
+    """Problems with heterogeneous difficulty; B improves 8 points: the paired CI of B - A excludes 0 nearly always.
+    Under the null (B an independent re-run of A) it excludes 0 only about 5% of the time."""
+    rng, P = np.random.default_rng(0), 300
+    hits_real = hits_null = 0
+    for d in range(100):
+        q = rng.beta(0.5, 0.5, P)                                       # per-problem solve rate
+        a = rng.random(P) < q
+        better = a | (rng.random(P) < 0.16)                             # fixes ~8% of all problems
+        null = rng.random(P) < q
+        real = ev.summarize({"d": better.astype(float) - a}, 1000, seed=d)["d"]
+        zero = ev.summarize({"d": null.astype(float) - a}, 1000, seed=d)["d"]
+        hits_real += real["lo"] > 0
+        hits_null += zero["lo"] > 0 or zero["hi"] < 0
+    assert hits_real >= 95 and hits_null <= 12, (hits_real, hits_null)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables and --compare on synthetic result files (no model needed)
+# ---------------------------------------------------------------------------------------------------------
+def _result(path, greedy, samples, model="m", adapter=None):
+    res = {"config": {"model": model, "adapter": adapter, "samples": len(samples[0]), "temperature": 1.0},
+           "tasks": {"arith": {"problems": _records(greedy, samples)}}}
+    with open(path, "w") as f:
+        json.dump(res, f)
+    return str(path)
+
+
+def test_compare_synthetic(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.3
+    b = a | (rng.random(200) < 0.5)
+    fa = _result(tmp_path / "a.json", a, [[x] * 4 for x in a], model="a")
+    run = tmp_path / "runs" / "better"
+    (run / "checkpoint").mkdir(parents=True)
+    _result(run / "eval-arith.json", b, [[x] * 4 for x in b], adapter=str(run / "checkpoint"))
+    ev.main(["--compare", fa, str(run)])                                 # a run folder -> its latest eval json
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "| greedy acc |" in line)
+    assert "better − a" in out and row.rstrip(" |").endswith("*"), out   # the real difference is flagged
+    assert "pass@4" in out and "pass@3" not in out                       # powers of two and n in the table
+
+
+def test_compare_rejects_different_problem_sets(tmp_path, capsys):
+    fa = _result(tmp_path / "a.json", [1, 0, 1], [[1], [0], [1]])
+    fb = _result(tmp_path / "b.json", [1, 0], [[1], [0]])
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compare", fa, fb])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "different problem set" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model path: tiny model (the shipped one, else a random tiny Llama), zero-initialised LoRA, subprocesses
+# ---------------------------------------------------------------------------------------------------------
+FAST = ["--tasks", "arith", "--samples", "2", "--limit", "24", "--max-new-tokens", "6", "--batch-size", "12",
+        "--bootstrap", "200"]
+
+
+def evaluate(argv):
+    return ev.run_eval(ev.resolve(ev.parse_args(argv)))
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+    """A run folder as train.py writes it, whose adapter is peft's fresh LoRA (B = 0): base + adapter == base."""
+    import torch
+    from kl_rl import load_policy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # tiny matmuls: one thread is faster, and much faster on a busy 2-core machine
+    d = tmp_path_factory.mktemp("eval")
+    model = ev.TINY
+    if not os.path.isdir(model):
+        import tiny_model
+        model = tiny_model.build_random_model(str(d / "tiny"))
+    peft_model, _ = load_policy(model)
+    run = d / "runs" / "zero"
+    peft_model.save_pretrained(str(run / "checkpoint"))
+    (run / "config.json").write_text(json.dumps({"model": model}))
+    yield model, run
+    torch.set_num_threads(threads)
+
+
+def test_zero_adapter_equals_base_and_json_round_trip(zero_run, tmp_path, capsys):
+    model, run = zero_run
+    base = evaluate(FAST + ["--model", model, "--out", str(tmp_path / "base.json")])
+    tuned = evaluate(FAST + ["--adapter", str(run)])                       # --model read from the run
+    assert tuned["path"] == os.path.join(str(run), "eval-arith.json") and tuned["config"]["model"] == model
+    b, t = base["tasks"]["arith"]["problems"], tuned["tasks"]["arith"]["problems"]
+    assert [p["greedy"] for p in b] == [p["greedy"] for p in t]            # same texts, flags, lengths
+    assert [p["samples"] for p in b] == [p["samples"] for p in t]          # same seeds -> same samples
+    saved = json.load(open(tuned["path"]))
+    assert {"config", "versions", "seed", "git_sha", "tasks"} <= set(saved) and len(b) == 24
+    assert saved["tasks"]["arith"]["metrics"]["pass@2"]["lo"] <= saved["tasks"]["arith"]["metrics"]["pass@2"]["hi"]
+    capsys.readouterr()
+    ev.main(["--compare", str(tmp_path / "base.json"), str(run), "--bootstrap", "200"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| greedy acc |" in line)
+    assert row.split("|")[-2].strip() == "+0.000 [+0.000, +0.000]", row     # paired diff exactly 0, not flagged
+
+
+def _error(argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert e.value.code == 2 and len(errors) == 1, errors
+    return errors[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(zero_run, tmp_path, capsys):
+    model, run = zero_run
+    assert "unknown task 'nope'" in _error(["--tasks", "nope"], capsys)
+    assert "no peft adapter" in _error(["--adapter", str(tmp_path / "missing")], capsys)
+    assert "invalid int" in _error(["--samples", "two"], capsys)                       # argparse
+    other = tmp_path / "other"                                                          # adapter of another base
+    (other / "checkpoint").mkdir(parents=True)
+    cfg = json.loads((run / "checkpoint" / "adapter_config.json").read_text())
+    (other / "checkpoint" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "x/y"}))
+    assert "trained on base model 'x/y'" in _error(["--adapter", str(other), "--model", model], capsys)
+    import tiny_model                                                                   # same name, other shapes
+    from kl_rl import load_policy
+    wide, _ = load_policy(tiny_model.build_random_model(str(tmp_path / "wide"), hidden_size=64))
+    wide.save_pretrained(str(tmp_path / "wide-lora"))
+    cfg_path = tmp_path / "wide-lora" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": model}))
+    assert "size mismatch" in _error(FAST + ["--adapter", str(tmp_path / "wide-lora")], capsys)
+
+
+def test_cli_no_arguments_offline_demo(zero_run, tmp_path):
+    """`python eval.py` from a folder whose runs/ holds the zero-adapter run: both evaluated, compared, < 60 s."""
+    model, run = zero_run
+    if model != ev.TINY:
+        pytest.skip("assets/tiny-arith not built yet")
+    os.symlink(run.parent, tmp_path / "runs")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert time.time() - t0 < 60
+    assert "zero − tiny-arith" in p.stdout and "### arith_ood (500 problems)" in p.stdout, p.stdout
+    assert os.path.isfile(tmp_path / "eval-results" / "tiny-arith-arith+arith_ood.json")
+
+
+def test_cli_unknown_task_subprocess():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--tasks", "arith,nope"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "nope" in p.stderr, p.stderr

@@ -1,0 +1,468 @@
+"""train.py -- KL-regularised RL fine-tuning of an LLM with LoRA on one GPU (or a CPU for the tiny default).
+
+Maximises  E[R(x, y)] − β·KL(π_θ(·|x) ‖ π_ref(·|x)), the KL estimated from the sampled tokens by k1, k2 or
+k3 and placed in the reward, the loss or both (--kl; see estimators.py for what each gradient equals). π_ref is the
+frozen base model (LoRA adapters switched off), so a run holds one copy of the base weights. One step:
+  1. P prompts × G completions from the behaviour policy μ (π_θ itself, or its adapters --async-level steps ago)
+  2. rewards (tasks.reward); no-grad passes: log π_ref, log π_θ (only for an in-reward KL), log μ (only if async)
+  3. shaped_advantages on the whole batch, then policy_loss per micro-batch (gradient accumulation), one AdamW step
+Setups: --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
+--preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio clipped to [0, 8], lr 1e-6); the paper's
+arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss, ...). Explicit flags override a preset.
+
+Simplifications vs the paper: LoRA instead of full fine-tuning (the presets keep the paper's lr 1e-6, which is a
+full-fine-tuning value: LoRA usually wants 10-100× more, untested); HF generate instead of vLLM; completions of at
+most 1024 tokens instead of 4096; asynchrony is simulated on one device (the behaviour policy is a stored copy of
+the adapters N steps old, so μ is exactly that checkpoint).
+
+Commands
+  python train.py                  # offline CPU default: tiny Llama on arith, ~1 min on 2 cores; held-out greedy
+                                   # accuracy 0.65 -> ~0.83, sampled 0.41 -> ~0.66 (seeds 0-2: +18 points greedy)
+  python train.py --kl k3-in-loss                        # another arm, same setup
+  python train.py --model Qwen/Qwen2.5-7B --task math --kl k1-in-reward --load-in-4bit --gradient-checkpointing
+  python train.py --preset paper-onpolicy --kl k3-in-reward --beta 0.1     # β grid of §4.1: 0, 0.05, 0.1, 0.3, 1
+  python train.py --preset paper-async --kl k1-in-reward
+  python train.py --resume runs/NAME --steps 500                           # continue from the last checkpoint
+  python eval.py --adapter runs/NAME --tasks arith,arith_ood                # pass@k with bootstrap CIs
+Outputs in --out: config.json, metrics.jsonl (one "train" record per step, "eval" records), metrics.png,
+checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async snapshots).
+
+Memory levers for Qwen2.5-7B at G=5 in 24 GB (the presets use all of them; sizes are estimates, not measured here)
+  --load-in-4bit             NF4 + double quantisation: ~15 GB of bf16 weights -> ~4 GB, plus ~4 GB for the
+                             152k-row embedding and LM head, which prepare_model_for_kbit_training keeps in fp32
+  --gradient-checkpointing   keep activations only at layer boundaries, recompute the rest in backward
+  --micro-batch-size         sequences per forward/backward; the loss is a sum, so results do not depend on it
+  --rollout-batch-size       sequences per generate call: the KV cache grows with rows × (prompt + max-new-tokens)
+  --max-new-tokens           bounds the KV cache, the activations and the logits
+  chunked log-probs          kl_rl.token_logprobs builds (512, V) float32 logits at a time and recomputes them in
+                             backward, so no (N, C, V) tensor exists (V = 152k for Qwen)
+  --optim paged_adamw_8bit   8-bit AdamW states that page to CPU under pressure (bitsandbytes, CUDA)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
+from kl_rl import (ADVANTAGES, adapter_snapshot, check_model_source, load_policy, policy_loss, rollout, seq_kl_values,
+                   shaped_advantages, swapped_adapter, token_kl_stats, token_logprobs)
+from tasks import TASKS, TaskError, build_prompt, load_task, reward
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft/transformers version noise
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")   # tasks.py reads data files with datasets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration: one dataclass, one flag per field, grouped in --help
+# ---------------------------------------------------------------------------------------------------------
+def arg(default, help, group, **kw):
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+MODEL, TASK, KL, RL, OPT, GEN, ASYNC, LOG = ("model", "task", "KL", "RL/advantage", "optimisation", "generation",
+                                             "async", "logging/eval/checkpoint")
+
+
+@dataclass
+class Config:
+    model: str = arg("assets/tiny-arith", "hub id or local folder of the base model", MODEL)
+    load_in_4bit: bool = arg(False, "load the base model in 4-bit NF4 (QLoRA)", MODEL)
+    lora_r: int = arg(16, "LoRA rank (adapters on every linear layer)", MODEL)
+    lora_alpha: int = arg(32, "LoRA alpha", MODEL)
+    lora_dropout: float = arg(0.0, "LoRA dropout", MODEL)
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward", MODEL)
+    task: str = arg("arith", "training task", TASK, choices=tuple(TASKS))
+    data_path: str = arg(None, "local data file for the task (jsonl/parquet)", TASK, type=str)
+    eval_tasks: tuple = arg((), "held-out tasks (test splits; default: the training task's)", TASK, nargs="*",
+                            choices=tuple(TASKS), type=str)
+    kl: str = arg("k1-in-reward", "KL estimator and placement", KL, choices=KL_CONFIGS)
+    kl_level: str = arg("sequence", "in-reward KL: one sequence penalty or reward-to-go", KL, choices=LEVELS)
+    beta: float = arg(0.05, "KL coefficient β", KL)
+    kl_is: str = arg("none", "off-policy weight on an in-loss KL (rho: RPG; sg_rho: with k2)", KL, choices=KL_IS)
+    adv: str = arg("rloo", "advantage baseline", RL, choices=ADVANTAGES)
+    group_size: int = arg(8, "G: completions per prompt", RL)
+    prompts_per_step: int = arg(32, "prompts per step (batch = prompts × G sequences)", RL)
+    token_budget: float = arg(None, "constant the summed loss is divided by (besides #sequences)", RL, type=float)
+    lr: float = arg(2e-3, "AdamW learning rate (betas 0.9/0.99, constant)", OPT)
+    weight_decay: float = arg(0.0, "AdamW weight decay", OPT)
+    max_grad_norm: float = arg(1.0, "gradient-norm clip (0 = off)", OPT)
+    steps: int = arg(150, "optimizer steps", OPT)
+    micro_batch_size: int = arg(256, "sequences per forward/backward pass", OPT)
+    optim: str = arg("adamw", "optimizer", OPT, choices=("adamw", "paged_adamw_8bit"))
+    max_new_tokens: int = arg(8, "completion length limit", GEN)
+    temperature: float = arg(1.0, "sampling temperature (KL and ratios use logits / T too)", GEN)
+    rollout_batch_size: int = arg(0, "sequences per generate call (0 = the whole batch)", GEN)
+    async_level: int = arg(0, "behaviour policy = adapters of this many steps ago (0 = on-policy)", ASYNC)
+    ratio_clip: tuple = arg((0.0, 8.0), "clamp of the token importance ratio (no PPO min)", ASYNC, nargs=2,
+                            metavar=("LO", "HI"))
+    eval_every: int = arg(50, "held-out eval every N steps, and at the end (0: start and end only)", LOG)
+    eval_n: int = arg(500, "held-out problems per eval task", LOG)
+    eval_modes: tuple = arg(("greedy", "sample"), "greedy and/or sampled (at --temperature) held-out accuracy", LOG,
+                            nargs="+", choices=("greedy", "sample"), type=str)
+    save_every: int = arg(0, "checkpoint every N steps, and at the end (0: end only)", LOG)
+    out: str = arg(None, "run folder (default runs/<time>-<task>-<kl>)", LOG, type=str)
+    resume: str = arg(None, "run folder to continue from its checkpoint", LOG, type=str)
+    preset: str = arg(None, "named setup (explicit flags override it)", LOG, type=str,
+                      choices=("paper-onpolicy", "paper-async"))
+    seed: int = arg(0, "seed (step s draws prompts and samples with seed·100003 + s)", LOG)
+    device: str = arg(None, "cuda / cpu (default: cuda if available)", LOG, type=str)
+    threads: int = arg(1, "torch threads on CPU (tiny models: more threads only wait at barriers; 0 = torch's)", LOG)
+
+
+PAPER_7B = dict(model="Qwen/Qwen2.5-7B", task="math", eval_tasks=("math500",), load_in_4bit=True,
+                gradient_checkpointing=True, micro_batch_size=4, rollout_batch_size=64, max_new_tokens=1024,
+                temperature=1.0, eval_every=25, eval_n=500, eval_modes=("sample",), save_every=25)
+PRESETS = {
+    # §4.1: RLOO, strictly on-policy (ratio ≡ 1); 51 × 5 = 255 ≈ 256 samples per step; lr not reported (async's)
+    "paper-onpolicy": dict(PAPER_7B, adv="rloo", group_size=5, prompts_per_step=51, beta=0.05, async_level=0,
+                           lr=1e-6, steps=250),
+    # §4.2: Dr. GRPO, 32 × 16 = 512 samples, behaviour policy 10 steps old, token ratio clamped to [0, 8]
+    "paper-async": dict(PAPER_7B, adv="dr_grpo", group_size=16, prompts_per_step=32, beta=0.005, async_level=10,
+                        ratio_clip=(0.0, 8.0), lr=1e-6, weight_decay=0.01, steps=420),
+}
+
+
+def die(msg):
+    print(f"train.py: error: {msg}", file=sys.stderr)      # one line, exit 2: the argparse convention
+    sys.exit(2)
+
+
+def parse_config(argv=None):
+    """defaults < --preset < the resumed run's config.json < flags given on the command line."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    ap.error = die                                           # one line instead of usage + error
+    groups = {}
+    for f in fields(Config):
+        meta = dict(f.metadata)
+        group = groups.setdefault(meta.pop("group"), ap.add_argument_group(f.metadata["group"]))
+        meta["help"] += f" (default: {f.default})"
+        if isinstance(f.default, bool):
+            meta["action"] = argparse.BooleanOptionalAction
+        elif "type" not in meta:
+            meta["type"] = type(f.default[0]) if isinstance(f.default, tuple) else type(f.default)
+        group.add_argument("--" + f.name.replace("_", "-"), **meta)
+    given = vars(ap.parse_args(argv))
+    resumed = {}
+    if "resume" in given:
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            die(f"--resume {given['resume']}: no config.json there (not a run folder)")
+        resumed = {k: v for k, v in json.load(open(path)).items() if k in {f.name for f in fields(Config)}}
+    preset = given.get("preset", resumed.get("preset"))
+    cfg = Config(**{**PRESETS.get(preset, {}), **resumed, **given})
+    cfg.eval_tasks, cfg.eval_modes, cfg.ratio_clip = tuple(cfg.eval_tasks), tuple(cfg.eval_modes), tuple(cfg.ratio_clip)
+    if not os.path.isdir(cfg.model) and os.path.isdir(os.path.join(HERE, cfg.model)):
+        cfg.model = os.path.join(HERE, cfg.model)            # the shipped tiny model, from any working directory
+    return cfg
+
+
+def check_config(cfg):
+    """Reject bad values before anything heavy runs (ValueError -> one line, exit 2)."""
+    parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
+    rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
+                 max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), temperature=(0, 0),
+                 lr=(0, 0))                               # name -> (bound, 1: value >= bound, 0: value > bound)
+    for name, (bound, inclusive) in rules.items():
+        v = getattr(cfg, name)
+        if not (v >= bound if inclusive else v > bound):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {bound}, got {v}")
+    if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
+        raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
+        raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
+    if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
+        raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
+    if not cfg.resume and cfg.out and os.path.isdir(os.path.join(cfg.out, "checkpoint")):
+        raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+
+
+def load_data(cfg):
+    """Train set, held-out sets and the tokenizer; checks that every prompt + max_new_tokens fits the context."""
+    train = load_task(cfg.task, "train", seed=cfg.seed, path=cfg.data_path)
+    held_out = {name: load_task(name, "test", n=cfg.eval_n) for name in (cfg.eval_tasks or (cfg.task,))}
+    for name, rows in [(cfg.task, train), *held_out.items()]:
+        if not rows:
+            raise TaskError(f"task {name!r} has no examples")
+    check_model_source(cfg.model)
+    try:
+        tok, model_cfg = AutoTokenizer.from_pretrained(cfg.model), AutoConfig.from_pretrained(cfg.model)
+    except OSError as e:                                     # hub id not cached offline, no access, no such repo
+        raise OSError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+    context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
+    questions = [ex["question"] for rows in (train, *held_out.values()) for ex in rows]
+    longest = max(len(ids) for ids in tok([build_prompt(tok, q) for q in questions])["input_ids"])
+    if context and longest + cfg.max_new_tokens > context:
+        raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
+                         f"model's context of {context} tokens")
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: no-grad passes, evaluation, checkpoints
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def logprobs_nograd(model, ro, rows, temperature):
+    return torch.cat([token_logprobs(model, ro["input_ids"][sl], ro["attention_mask"][sl], ro["prompt_len"],
+                                     temperature) for sl in rows])                                  # (N, C)
+
+
+@torch.no_grad()
+def evaluate(model, tok, cfg, held_out, step):
+    """Held-out accuracy (greedy and/or sampled at --temperature) on each eval task -> list of JSONL records."""
+    model.eval()
+    records = []
+    for name, rows in held_out.items():
+        rec = {"type": "eval", "step": step, "task": name, "n": len(rows)}
+        prompts = [build_prompt(tok, ex["question"]) for ex in rows]
+        for mode in cfg.eval_modes:
+            ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
+                         seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
+            rec[f"{mode}_acc"] = sum(reward(name, t, ex) > 0.5 for t, ex in zip(ro["texts"], rows)) / len(rows)
+            rec[f"{mode}_len"] = ro["completion_mask"].sum(1).mean().item()
+        records.append(rec)
+    return records
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out, model, optimizer, step, snapshots):
+    """<out>/checkpoint = peft adapter + state.pt, written to a temporary folder and renamed into place."""
+    tmp, final, old = (os.path.join(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "snapshots": list(snapshots)},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run):
+    """The last complete checkpoint (a crash between the two renames leaves checkpoint.old)."""
+    final = os.path.join(run, "checkpoint")
+    return final if os.path.isfile(os.path.join(final, "state.pt")) else os.path.join(run, "checkpoint.old")
+
+
+def last_checkpoint(out):
+    path = os.path.join(checkpoint_dir(out), "state.pt")
+    if not os.path.isfile(path):
+        return "no checkpoint was written yet (see --save-every)"
+    return f"last good checkpoint: {os.path.dirname(path)} (step {torch.load(path, weights_only=False)['step']})"
+
+
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
+
+
+def clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()                             # GPU work is asynchronous: time what has finished
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        check_config(cfg)
+        train_set, held_out = load_data(cfg)
+    except (ValueError, OSError) as e:                      # TaskError is a ValueError
+        die(str(e).strip().splitlines()[0])
+    _, in_reward, _ = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
+    out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
+    os.makedirs(out, exist_ok=True)
+    json.dump(asdict(cfg), open(os.path.join(out, "config.json"), "w"), indent=2)
+
+    if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)                              # LoRA initialisation
+    ckpt = checkpoint_dir(cfg.resume) if cfg.resume else None
+    model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                             lora_dropout=cfg.lora_dropout, gradient_checkpointing=cfg.gradient_checkpointing,
+                             device=cfg.device, adapter=ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    else:
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    snapshots = deque(maxlen=cfg.async_level + 1)           # adapters at the start of the last N+1 steps
+    start = 0
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+        start = state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        snapshots.extend(state["snapshots"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] < start] if os.path.isfile(
+            metrics_path) else []
+        open(metrics_path, "w").writelines(kept)
+    log = open(metrics_path, "a" if ckpt else "w")          # a fresh run never appends to an old file
+
+    def write(rec):
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    rows = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
+    for step in pbar:
+        if step % (cfg.eval_every or cfg.steps + 1) == 0:
+            for rec in evaluate(model, tok, cfg, held_out, step):
+                write(rec)
+        t0 = clock()
+        rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
+        batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
+            rng.choices(train_set, k=cfg.prompts_per_step)
+        prompts = [build_prompt(tok, ex["question"]) for ex in batch]
+        model.eval()                                         # generate and no-grad passes: no dropout, KV cache on
+        if cfg.async_level:
+            snapshots.append(adapter_snapshot(model))
+        behaviour = swapped_adapter(model, snapshots[0]) if cfg.async_level else nullcontext()
+        with behaviour:
+            ro = rollout(model, tok, prompts, G, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed * 100003 + step,
+                         batch_size=cfg.rollout_batch_size)
+            t1 = clock()
+            behav_logp = logprobs_nograd(model, ro, rows, cfg.temperature) if cfg.async_level else None  # (N, C)
+        ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
+        rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
+                                zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
+        with torch.no_grad(), model.disable_adapter():
+            ref_logp = logprobs_nograd(model, ro, rows, cfg.temperature)                       # (N, C) π_ref
+        diag = slice(0, min(N, cfg.micro_batch_size, 64))   # exact KLs need full logits: a few rows suffice
+        exact = token_kl_stats(model, ids[diag], attn[diag], P, mask[diag], cfg.temperature)
+        t2 = clock()
+        model.train()
+        pre = {}                                             # grad passes done early, reused below
+        if in_reward and len(rows) == 1:                     # one micro-batch: its grad pass also gives sg(log π)
+            pre[0] = token_logprobs(model, ids, attn, P, cfg.temperature)
+            logp_now = pre[0].detach()
+        elif in_reward:
+            model.eval()
+            logp_now = logprobs_nograd(model, ro, rows, cfg.temperature)                         # (N, C) sg(π_θ)
+            model.train()
+        else:
+            logp_now = ref_logp                              # unused: no KL in the reward
+        advantages, adv_metrics = shaped_advantages(rewards, logp_now, ref_logp, mask, G, cfg.beta, cfg.kl,
+                                                    cfg.kl_level, cfg.adv)                    # (N, C)
+
+        optimizer.zero_grad(set_to_none=True)
+        agg, logps = {}, []
+        for k, sl in enumerate(rows):
+            logp = pre.pop(k) if k in pre else token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)  # (n, C)
+            loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages[sl], cfg.beta, cfg.kl,
+                                  None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, cfg.kl_is,
+                                  n_seqs=N, token_budget=cfg.token_budget)
+            if not math.isfinite(loss.item()):
+                bad = " and ".join(t[:-5] for t in ("pg_term", "kl_term") if not math.isfinite(m[t])) or "total"
+                print(f"train.py: error: non-finite loss at step {step} ({bad} term: pg_term={m['pg_term']}, "
+                      f"kl_term={m['kl_term']}); {last_checkpoint(out)}", file=sys.stderr)
+                return 1
+            loss.backward()                                  # gradients add up over micro-batches
+            logps.append(logp.detach())
+            for key, v in m.items():
+                if key.endswith("_max"):
+                    agg[key] = max(agg.get(key, v), v)
+                elif key.endswith("_min"):
+                    agg[key] = min(agg.get(key, v), v)
+                elif key.endswith("_term"):                  # already divided by the whole batch: terms add up
+                    agg[key] = agg.get(key, 0.0) + v
+                else:                                        # micro-batch means, weighted by its share of rows
+                    agg[key] = agg.get(key, 0.0) + v * len(logp) / N
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+        if not math.isfinite(grad_norm):
+            print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)
+            return 1
+        optimizer.step()
+        t3 = clock()
+
+        lengths = mask.sum(1)                                                                  # (N,)
+        rec = {"type": "train", "step": step, **adv_metrics, "accuracy": (rewards > 0.5).float().mean().item(),
+               **{f"kl_{k}": v for k, v in seq_kl_values(torch.cat(logps), ref_logp, mask).items()}, **exact,
+               **agg, "loss": agg["pg_term"] + agg["kl_term"], "grad_norm": grad_norm,
+               "completion_len": lengths.mean().item(), "truncated_frac": ro["truncated"].float().mean().item(),
+               "time_generate": t1 - t0, "time_no_grad": t2 - t1, "time_policy": t3 - t2, "time_step": t3 - t0,
+               "tokens_per_s": (attn.sum().item()) / (t3 - t0), "peak_mem_gb": peak_memory_gb()}
+        write(rec)
+        pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
+        if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(out, model, optimizer, step + 1, snapshots)
+    pbar.close()
+    for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
+        write(rec)
+    log.close()
+    report(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary table and curves
+# ---------------------------------------------------------------------------------------------------------
+def report(out):
+    """Markdown summary on stdout and the main curves in metrics.png, both from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train = [r for r in recs if r["type"] == "train"]
+    evals = {}                                               # "task greedy_acc" -> [(step, value), ...]
+    for r in (r for r in recs if r["type"] == "eval"):
+        for key in (k for k in r if k.endswith("_acc")):
+            evals.setdefault(f"{r['task']} {key}", []).append((r["step"], r[key]))
+    lines = ["| metric | first | last |", "|---|---|---|"]
+    lines += [f"| held-out {name} (step {v[0][0]} -> {v[-1][0]}) | {v[0][1]:.3f} | {v[-1][1]:.3f} |"
+              for name, v in evals.items()]
+    panels = [("train reward", ["reward"]), ("sequence KL estimates", ["kl_k1", "kl_k3"]),
+              ("exact token KL", ["token_rkl", "token_fkl"]), ("policy entropy", ["entropy"]),
+              ("completion length", ["completion_len"]), ("loss terms", ["pg_term", "kl_term"]),
+              ("grad norm", ["grad_norm"])]
+    if train:
+        lines += [f"| train {k} | {train[0][k]:.4f} | {train[-1][k]:.4f} |" for _, keys in panels for k in keys]
+        lines.append(f"| seconds per step (mean) | {sum(r['time_step'] for r in train) / len(train):.2f} | |")
+    print("\n".join(lines))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=8)
+    for name, v in evals.items():
+        axes.flat[-1].plot(*zip(*v), marker="o", label=name)
+    axes.flat[-1].set(title="held-out accuracy", xlabel="step")
+    axes.flat[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "metrics.png"), dpi=80)
+    plt.close(fig)
+    print(f"run folder: {out}  (config.json, metrics.jsonl, metrics.png, checkpoint/)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,24 @@
-"""kl_rl.py -- (module docstring: the lead finalises it)"""
+"""kl_rl.py -- the RL machinery for KL-regularised fine-tuning: model, rollouts, log-probs, and the loss.
+
+What it implements, top to bottom (train.py calls these; eval.py reuses the first three):
+  load_policy      base model by hub id or local folder, optionally 4-bit NF4 (QLoRA), LoRA on every linear layer.
+                   The reference π_ref is the SAME model with the adapters switched off (`disable_adapter()`),
+                   so a run holds one copy of the base weights and KL is exactly 0 at step 0.
+  rollout          P prompts × G completions in one batched HF `generate` call, left padding, true sampling
+                   (top_k=0, top_p=1: the KL estimates and ratios below are for π itself, not a truncated sampler);
+                   completion mask up to and including the first EOS.
+  token_logprobs   log π(y_t|s_t) of the sampled tokens under logits / temperature, computing logits only at
+                   completion positions, chunk by chunk (never the (N, C, V) float32 tensor).
+  token_kl_stats   exact per-token reverse / forward KL and entropy from full logits (a diagnostic, no estimator).
+  adapter_snapshot, swapped_adapter    the behaviour policy of --async-level N: the adapters of N steps ago.
+  shaped_advantages, policy_loss, rl_loss    the pure loss (tensors in, scalar + metrics out): task rewards and the
+                   detached in-reward KL -> RLOO / Dr. GRPO / GRPO advantages -> token importance ratio × advantage
+                   plus the differentiated in-loss KL, summed over tokens and divided by a constant.
+
+Which gradient each KL configuration yields is in estimators.py; tests/ prove it by exact enumeration (toy.py).
+Simplifications: HF generate instead of vLLM; one device; no PPO clipping (one update per batch, as in the
+paper's RLOO runs; off-policy the ratio is clamped, as in the paper's async code).
+"""
 
 import contextlib
 import logging
@@ -12,7 +32,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)   # h
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
-from estimators import full_kl  # noqa: E402
+from estimators import ESTIMATORS, full_kl, kl_loss_term, kl_reward_penalty, parse_kl, token_kl  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Model: policy π_θ = base + LoRA; reference π_ref = the SAME weights with the adapters switched off
@@ -205,11 +225,6 @@ def swapped_adapter(model, snapshot):
                 params[n].copy_(t)
 
 
-# >>> RL LOSS SECTION (lead) -- do not edit between these markers <<<
-import torch
-
-from estimators import ESTIMATORS, kl_loss_term, kl_reward_penalty, parse_kl, token_kl
-
 # ---------------------------------------------------------------------------------------------------------
 # RL loss: task rewards + KL configuration -> advantages -> a scalar loss (pure tensors, no model inside)
 # ---------------------------------------------------------------------------------------------------------
@@ -311,4 +326,3 @@ def rl_loss(logp, ref_logp, mask, rewards, group_size, beta, kl="k1-in-reward", 
     loss, m2 = policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp, ratio_clip, kl_is,
                            token_budget=token_budget)
     return loss, {**m1, **m2, **seq_kl_values(logp, ref_logp, mask)}
-# >>> END RL LOSS SECTION <<<

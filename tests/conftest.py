@@ -8,3 +8,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # generate), and subprocesses (train.py, eval.py) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second OpenMP thread only adds barrier waits (milliseconds per op on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama + the project's BPE tokenizer, saved once per test session."""
+    import tiny_model
+    return tiny_model.build_random_model(str(tmp_path_factory.mktemp("tiny") / "m"), hidden_size=64,
+                                         intermediate_size=128, num_hidden_layers=2)

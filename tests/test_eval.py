@@ -131,10 +131,7 @@ def evaluate(argv):
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
     """A run folder as train.py writes it, whose adapter is peft's fresh LoRA (B = 0): base + adapter == base."""
-    import torch
     from kl_rl import load_policy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)      # tiny matmuls: one thread is faster, and much faster on a busy 2-core machine
     d = tmp_path_factory.mktemp("eval")
     model = ev.TINY
     if not os.path.isdir(model):
@@ -144,8 +141,7 @@ def zero_run(tmp_path_factory):
     run = d / "runs" / "zero"
     peft_model.save_pretrained(str(run / "checkpoint"))
     (run / "config.json").write_text(json.dumps({"model": model}))
-    yield model, run
-    torch.set_num_threads(threads)
+    return model, run
 
 
 def test_zero_adapter_equals_base_and_json_round_trip(zero_run, tmp_path, capsys):

@@ -3,24 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny_model
 from kl_rl import (adapter_snapshot, load_policy, merge_rollouts, rollout, swapped_adapter, token_kl_stats,
                    token_logprobs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only adds barrier waits (milliseconds per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model.build_random_model(str(tmp_path_factory.mktemp("tiny") / "m"), hidden_size=64,
-                                         intermediate_size=128, num_hidden_layers=2)
 
 
 @pytest.fixture

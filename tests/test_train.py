@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_model
 import train
 from estimators import KL_CONFIGS
 from kl_rl import ADVANTAGES
@@ -21,21 +20,6 @@ from kl_rl import ADVANTAGES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "assets", "tiny-arith")
 VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")       # wall-clock fields: never equal between two runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only adds barrier waits (milliseconds per op on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model.build_random_model(str(tmp_path_factory.mktemp("tiny") / "m"), hidden_size=64,
-                                         intermediate_size=128, num_hidden_layers=2)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ frozen base model (LoRA adapters switched off), so a run holds one copy of the b
   1. P prompts × G completions from the behaviour policy μ (π_θ itself, or its adapters --async-level steps ago)
   2. rewards (tasks.reward); no-grad passes: log π_ref, log π_θ (only for an in-reward KL), log μ (only if async)
   3. shaped_advantages on the whole batch, then policy_loss per micro-batch (gradient accumulation), one AdamW step
-Setups: --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
+Setups (a task other than arith without --preset gets paper-onpolicy): --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
 --preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio clipped to [0, 8], lr 1e-6); the paper's
 arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss, ...). Explicit flags override a preset.
 
@@ -125,7 +125,7 @@ class Config:
 
 PAPER_7B = dict(model="Qwen/Qwen2.5-7B", task="math", eval_tasks=("math500",), load_in_4bit=True,
                 gradient_checkpointing=True, micro_batch_size=4, rollout_batch_size=64, max_new_tokens=1024,
-                temperature=1.0, eval_every=25, eval_n=500, eval_modes=("sample",), save_every=25)
+                temperature=1.0, eval_every=50, eval_n=200, eval_modes=("sample",), save_every=25)
 PRESETS = {
     # §4.1: RLOO, strictly on-policy (ratio ≡ 1); 51 × 5 = 255 ≈ 256 samples per step; lr not reported (async's)
     "paper-onpolicy": dict(PAPER_7B, adv="rloo", group_size=5, prompts_per_step=51, beta=0.05, async_level=0,
@@ -163,6 +163,11 @@ def parse_config(argv=None):
             die(f"--resume {given['resume']}: no config.json there (not a run folder)")
         resumed = {k: v for k, v in json.load(open(path)).items() if k in {f.name for f in fields(Config)}}
     preset = given.get("preset", resumed.get("preset"))
+    task = given.get("task", resumed.get("task", Config.task))
+    if preset is None and not resumed and task not in ("arith", "arith_ood"):
+        # the defaults above fit the tiny offline model; a real task gets the paper's on-policy layout (§4.1)
+        given["preset"] = preset = "paper-onpolicy"
+        given.setdefault("eval_tasks", ("math500",) if task == "math" else ())
     cfg = Config(**{**PRESETS.get(preset, {}), **resumed, **given})
     cfg.eval_tasks, cfg.eval_modes, cfg.ratio_clip = tuple(cfg.eval_tasks), tuple(cfg.eval_modes), tuple(cfg.ratio_clip)
     if not os.path.isdir(cfg.model) and os.path.isdir(os.path.join(HERE, cfg.model)):

@@ -126,6 +126,12 @@ def test_presets_and_explicit_flags_override():
     cfg = train.parse_config(["--preset", "paper-onpolicy", "--no-load-in-4bit"])
     assert (cfg.adv, cfg.group_size, cfg.beta, cfg.async_level, cfg.load_in_4bit) == ("rloo", 5, 0.05, 0, False)
     assert 250 <= cfg.group_size * cfg.prompts_per_step <= 256
+    # the GPU command names no preset: a real task must still get the paper's layout, not arith's
+    cfg = train.parse_config(["--model", "Qwen/Qwen2.5-7B", "--task", "math", "--kl", "k1-in-reward", "--load-in-4bit",
+                              "--group-size", "4"])
+    assert (cfg.preset, cfg.adv, cfg.max_new_tokens, cfg.eval_tasks) == ("paper-onpolicy", "rloo", 1024, ("math500",))
+    assert cfg.group_size == 4 and cfg.gradient_checkpointing and cfg.micro_batch_size < 16
+    assert train.parse_config([]).preset is None and train.parse_config([]).max_new_tokens == 8
 
 
 def bad_math_file(tmp_path):

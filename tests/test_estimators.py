@@ -5,6 +5,9 @@ parameters, so each is checked on two toy instances; the "≠" checks guard agai
 by accident on one instance (e.g. a gradient that is zero everywhere would pass an "= 0" test alone).
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,3 +178,24 @@ def test_on_policy_rho_k3_equals_k2_in_loss(instance):
     # ρ = π/sg(π) ≡ 1 on-policy, yet it carries the score function: ∇(ρ·k3) = δ·∇log π = ∇k2
     theta, phi, V, ref = instance
     assert rel(toy.exact_config_grad(theta, phi, V, "k3-in-loss", kl_is="rho"), ref["tok_rkl"]) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Figure-2 command
+# ---------------------------------------------------------------------------------------------------------
+def test_figure2_rows_agree_with_the_exact_oracle():
+    rows = {(T, name): (exact, b, sd, var) for T, name, exact, b, sd, var in toy.figure2(Ts=(3,), R=20, N=400)}
+    assert len(rows) == 11                                              # 9 configurations + 2 token-level
+    for name in ("k1-in-reward", "k1-in-both", "k3-in-both", "k1-in-reward (token)"):
+        assert rows[(3, name)][0] < 1e-8
+    assert rows[(3, "k1-in-loss")][0] == pytest.approx(1.0, abs=1e-9)   # E ĝ = 0: relative bias exactly 1
+    for (_, name), (exact, b, sd, var) in rows.items():
+        assert var > 0
+        if exact > 0.05:                                                # biased rows: MC bias ≈ exact bias
+            assert abs(b - exact) < 0.1 * exact + 3 * sd, name
+
+
+def test_toy_cli_rejects_bad_sizes():
+    r = subprocess.run([sys.executable, "toy.py", "--V", "1"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and "V >= 2" in r.stderr

@@ -6,7 +6,7 @@ frozen base model (LoRA adapters switched off), so a run holds one copy of the b
   1. P prompts × G completions from the behaviour policy μ (π_θ itself, or its adapters --async-level steps ago)
   2. rewards (tasks.reward); no-grad passes: log π_ref, log π_θ (only for an in-reward KL), log μ (only if async)
   3. shaped_advantages on the whole batch, then policy_loss per micro-batch (gradient accumulation), one AdamW step
-Setups (a task other than arith without --preset gets paper-onpolicy): --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
+Setups (a data-set task without --preset gets paper-onpolicy): --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
 --preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio clipped to [0, 8], lr 1e-6); the paper's
 arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss, ...). Explicit flags override a preset.
 
@@ -123,6 +123,7 @@ class Config:
     threads: int = arg(1, "torch threads on CPU (tiny models: more threads only wait at barriers; 0 = torch's)", LOG)
 
 
+HUB_TASKS = ("math", "math500", "mmlu_college_physics", "mmlu_college_chemistry", "mmlu_college_biology")
 PAPER_7B = dict(model="Qwen/Qwen2.5-7B", task="math", eval_tasks=("math500",), load_in_4bit=True,
                 gradient_checkpointing=True, micro_batch_size=4, rollout_batch_size=64, max_new_tokens=1024,
                 temperature=1.0, eval_every=50, eval_n=200, eval_modes=("sample",), save_every=25)
@@ -164,9 +165,9 @@ def parse_config(argv=None):
         resumed = {k: v for k, v in json.load(open(path)).items() if k in {f.name for f in fields(Config)}}
     preset = given.get("preset", resumed.get("preset"))
     task = given.get("task", resumed.get("task", Config.task))
-    if preset is None and not resumed and task not in ("arith", "arith_ood"):
-        # the defaults above fit the tiny offline model; a real task gets the paper's on-policy layout (§4.1)
-        given["preset"] = preset = "paper-onpolicy"
+    if preset is None and not resumed and task in HUB_TASKS:
+        # the defaults above fit the tiny offline model; a data-set task gets the paper's on-policy setup (§4.1)
+        given["preset"] = preset = "paper-onpolicy"                        # main() says so once input is valid
         given.setdefault("eval_tasks", ("math500",) if task == "math" else ())
     cfg = Config(**{**PRESETS.get(preset, {}), **resumed, **given})
     cfg.eval_tasks, cfg.eval_modes, cfg.ratio_clip = tuple(cfg.eval_tasks), tuple(cfg.eval_modes), tuple(cfg.ratio_clip)
@@ -187,6 +188,8 @@ def check_config(cfg):
             raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {bound}, got {v}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    if not (cfg.max_grad_norm >= 0 and (cfg.token_budget is None or cfg.token_budget > 0)):
+        raise ValueError("--max-grad-norm must be >= 0 and --token-budget > 0: a negative one flips the gradient")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
     if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
@@ -296,6 +299,8 @@ def main(argv=None):
         train_set, held_out = load_data(cfg)
     except (ValueError, OSError) as e:                      # TaskError is a ValueError
         die(str(e).strip().splitlines()[0])
+    if cfg.preset:
+        print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
     _, in_reward, _ = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
     os.makedirs(out, exist_ok=True)
@@ -366,10 +371,10 @@ def main(argv=None):
         exact = token_kl_stats(model, ids[diag], attn[diag], P, mask[diag], cfg.temperature)
         t2 = clock()
         model.train()
-        pre = {}                                             # grad passes done early, reused below
-        if in_reward and len(rows) == 1:                     # one micro-batch: its grad pass also gives sg(log π)
-            pre[0] = token_logprobs(model, ids, attn, P, cfg.temperature)
-            logp_now = pre[0].detach()
+        first_logp = None                                    # a grad pass done early, reused below
+        if in_reward and len(rows) == 1 and cfg.lora_dropout == 0:   # its grad pass also gives sg(log π) exactly
+            first_logp = token_logprobs(model, ids, attn, P, cfg.temperature)
+            logp_now = first_logp.detach()
         elif in_reward:
             model.eval()
             logp_now = logprobs_nograd(model, ro, rows, cfg.temperature)                         # (N, C) sg(π_θ)
@@ -382,7 +387,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         agg, logps = {}, []
         for k, sl in enumerate(rows):
-            logp = pre.pop(k) if k in pre else token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)  # (n, C)
+            logp = first_logp if k == 0 and first_logp is not None else \
+                token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)                    # (n, C)
             loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages[sl], cfg.beta, cfg.kl,
                                   None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, cfg.kl_is,
                                   n_seqs=N, token_budget=cfg.token_budget)
@@ -400,8 +406,8 @@ def main(argv=None):
                     agg[key] = min(agg.get(key, v), v)
                 elif key.endswith("_term"):                  # already divided by the whole batch: terms add up
                     agg[key] = agg.get(key, 0.0) + v
-                else:                                        # micro-batch means, weighted by its share of rows
-                    agg[key] = agg.get(key, 0.0) + v * len(logp) / N
+                else:                                        # token means, weighted by the micro-batch's tokens
+                    agg[key] = agg.get(key, 0.0) + v * (mask[sl].sum() / mask.sum()).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
         if not math.isfinite(grad_norm):
             print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)

@@ -144,7 +144,7 @@ def bad_math_file(tmp_path):
     ["--kl", "k4-in-reward"], ["--task", "nope"], ["--model", "./no/such/model"], ["--group-size", "1"],
     ["--temperature", "0"], ["--beta", "nan"], ["--max-new-tokens", "100000"], ["--kl", "k1-in-loss", "--kl-level",
                                                                                  "token"],
-    ["--resume", "/no/such/run"], ["--task", "math", "--data-path", "EMPTY"], ["--task", "math", "--data-path", "BAD"],
+    ["--max-grad-norm", "-1"], ["--token-budget", "0"], ["--resume", "/no/such/run"], ["--task", "math", "--data-path", "EMPTY"], ["--task", "math", "--data-path", "BAD"],
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, flags):
     (tmp_path / "empty.jsonl").write_text("")

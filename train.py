@@ -343,6 +343,8 @@ def main(argv=None):
 
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     rows = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
+    nb = max(cfg.rollout_batch_size, cfg.micro_batch_size)   # no-grad passes keep no activations: bigger chunks
+    nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
@@ -361,12 +363,12 @@ def main(argv=None):
             ro = rollout(model, tok, prompts, G, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed * 100003 + step,
                          batch_size=cfg.rollout_batch_size)
             t1 = clock()
-            behav_logp = logprobs_nograd(model, ro, rows, cfg.temperature) if cfg.async_level else None  # (N, C)
+            behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature) if cfg.async_level else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
         rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
                                 zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
         with torch.no_grad(), model.disable_adapter():
-            ref_logp = logprobs_nograd(model, ro, rows, cfg.temperature)                       # (N, C) π_ref
+            ref_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature)                 # (N, C) π_ref
         diag = slice(0, min(N, cfg.micro_batch_size, 64))   # exact KLs need full logits: a few rows suffice
         exact = token_kl_stats(model, ids[diag], attn[diag], P, mask[diag], cfg.temperature)
         t2 = clock()
@@ -377,7 +379,7 @@ def main(argv=None):
             logp_now = first_logp.detach()
         elif in_reward:
             model.eval()
-            logp_now = logprobs_nograd(model, ro, rows, cfg.temperature)                         # (N, C) sg(π_θ)
+            logp_now = logprobs_nograd(model, ro, nograd_rows, cfg.temperature)                 # (N, C) sg(π_θ)
             model.train()
         else:
             logp_now = ref_logp                              # unused: no KL in the reward

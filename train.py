@@ -6,9 +6,10 @@ frozen base model (LoRA adapters switched off), so a run holds one copy of the b
   1. P prompts × G completions from the behaviour policy μ (π_θ itself, or its adapters --async-level steps ago)
   2. rewards (tasks.reward); no-grad passes: log π_ref, log π_θ (only for an in-reward KL), log μ (only if async)
   3. shaped_advantages on the whole batch, then policy_loss per micro-batch (gradient accumulation), one AdamW step
-Setups (a data-set task without --preset gets paper-onpolicy): --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step) and
---preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio clipped to [0, 8], lr 1e-6); the paper's
-arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss, ...). Explicit flags override a preset.
+Setups: --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step; also what a
+data-set task without --preset gets) and --preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio
+clipped to [0, 8], lr 1e-6); the paper's arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss,
+...). Explicit flags override a preset.
 
 Simplifications vs the paper: LoRA instead of full fine-tuning (the presets keep the paper's lr 1e-6, which is a
 full-fine-tuning value: LoRA usually wants 10-100× more, untested); HF generate instead of vLLM; completions of at

@@ -388,7 +388,7 @@ def main(argv=None):
                                                     cfg.kl_level, cfg.adv)                    # (N, C)
 
         optimizer.zero_grad(set_to_none=True)
-        agg, logps = {}, []
+        logps = []
         for k, sl in enumerate(rows):
             logp = first_logp if k == 0 and first_logp is not None else \
                 token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)                    # (n, C)
@@ -402,15 +402,9 @@ def main(argv=None):
                 return 1
             loss.backward()                                  # gradients add up over micro-batches
             logps.append(logp.detach())
-            for key, v in m.items():
-                if key.endswith("_max"):
-                    agg[key] = max(agg.get(key, v), v)
-                elif key.endswith("_min"):
-                    agg[key] = min(agg.get(key, v), v)
-                elif key.endswith("_term"):                  # already divided by the whole batch: terms add up
-                    agg[key] = agg.get(key, 0.0) + v
-                else:                                        # token means, weighted by the micro-batch's tokens
-                    agg[key] = agg.get(key, 0.0) + v * (mask[sl].sum() / mask.sum()).item()
+        logp = torch.cat(logps)                              # (N, C) metrics of the whole batch, no grad
+        _, agg = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, cfg.kl, behav_logp, cfg.ratio_clip, cfg.kl_is,
+                             token_budget=cfg.token_budget)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
         if not math.isfinite(grad_norm):
             print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)
@@ -420,7 +414,7 @@ def main(argv=None):
 
         lengths = mask.sum(1)                                                                  # (N,)
         rec = {"type": "train", "step": step, **adv_metrics, "accuracy": (rewards > 0.5).float().mean().item(),
-               **{f"kl_{k}": v for k, v in seq_kl_values(torch.cat(logps), ref_logp, mask).items()}, **exact,
+               **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **exact,
                **agg, "loss": agg["pg_term"] + agg["kl_term"], "grad_norm": grad_norm,
                "completion_len": lengths.mean().item(), "truncated_frac": ro["truncated"].float().mean().item(),
                "time_generate": t1 - t0, "time_no_grad": t2 - t1, "time_policy": t3 - t2, "time_step": t3 - t0,

@@ -90,6 +90,8 @@ class Config:
     data_path: str = arg(None, "local data file for the task (jsonl/parquet)", TASK, type=str)
     eval_tasks: tuple = arg((), "held-out tasks (test splits; default: the training task's)", TASK, nargs="*",
                             choices=tuple(TASKS), type=str)
+    eval_data: tuple = arg((), "local files for held-out data-set tasks, e.g. math500=MATH-500.jsonl", TASK,
+                           nargs="*", type=str, metavar="TASK=FILE")
     kl: str = arg("k1-in-reward", "KL estimator and placement", KL, choices=KL_CONFIGS)
     kl_level: str = arg("sequence", "in-reward KL: one sequence penalty or reward-to-go", KL, choices=LEVELS)
     beta: float = arg(0.05, "KL coefficient β", KL)
@@ -172,6 +174,7 @@ def parse_config(argv=None):
         given.setdefault("eval_tasks", ("math500",) if task == "math" else ())
     cfg = Config(**{**PRESETS.get(preset, {}), **resumed, **given})
     cfg.eval_tasks, cfg.eval_modes, cfg.ratio_clip = tuple(cfg.eval_tasks), tuple(cfg.eval_modes), tuple(cfg.ratio_clip)
+    cfg.eval_data = tuple(cfg.eval_data)
     if not os.path.isdir(cfg.model) and os.path.isdir(os.path.join(HERE, cfg.model)):
         cfg.model = os.path.join(HERE, cfg.model)            # the shipped tiny model, from any working directory
     return cfg
@@ -202,7 +205,11 @@ def check_config(cfg):
 def load_data(cfg):
     """Train set, held-out sets and the tokenizer; checks that every prompt + max_new_tokens fits the context."""
     train = load_task(cfg.task, "train", seed=cfg.seed, path=cfg.data_path)
-    held_out = {name: load_task(name, "test", n=cfg.eval_n) for name in (cfg.eval_tasks or (cfg.task,))}
+    files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
+    if any(not f for f in files.values()):
+        raise ValueError(f"--eval-data takes TASK=FILE pairs, got {' '.join(cfg.eval_data)}")
+    held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
+                for name in (cfg.eval_tasks or (cfg.task,))}
     for name, rows in [(cfg.task, train), *held_out.items()]:
         if not rows:
             raise TaskError(f"task {name!r} has no examples")

@@ -202,3 +202,16 @@ def test_cli_bad_input_is_one_line_on_stderr(tmp_path, flags):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("train.py: error:"), p.stderr
+
+
+def test_held_out_data_set_from_a_local_file(model_dir):
+    # offline machines have no hub: the held-out MATH-500 comes from --eval-data, in the hub's schema
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    argv = ["--model", model_dir, "--task", "math", "--data-path", os.path.join(fixtures, "math_train.jsonl"),
+            "--max-new-tokens", "4"]
+    cfg = train.parse_config(argv + ["--eval-data", "math500=" + os.path.join(fixtures, "math500.jsonl")])
+    train_set, held_out = train.load_data(cfg)
+    assert list(held_out) == ["math500"] and len(held_out["math500"]) == 5 and len(train_set) == 5
+    assert all(ex["question"].endswith("\\boxed{}.") for ex in held_out["math500"])
+    with pytest.raises(ValueError, match="TASK=FILE"):
+        train.load_data(train.parse_config(argv + ["--eval-data", "math500"]))

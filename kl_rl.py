@@ -210,10 +210,11 @@ def adapter_snapshot(model):
 
 
 @contextlib.contextmanager
-def swapped_adapter(model, snapshot):
-    """Temporarily load `snapshot` into the live LoRA tensors; the live values are restored bit-exactly on exit."""
+def swapped_adapter(model, snapshot, live=None):
+    """Temporarily load `snapshot` into the live LoRA tensors; the live values are restored bit-exactly on exit.
+    `live`: a snapshot of the current adapters if the caller already has one (saves a device-to-CPU copy)."""
     params = dict(model.named_parameters())
-    live = adapter_snapshot(model)
+    live = adapter_snapshot(model) if live is None else live
     with torch.no_grad():
         for n, t in snapshot.items():
             params[n].copy_(t)

@@ -366,7 +366,7 @@ def main(argv=None):
         model.eval()                                         # generate and no-grad passes: no dropout, KV cache on
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))
-        behaviour = swapped_adapter(model, snapshots[0]) if cfg.async_level else nullcontext()
+        behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
         with behaviour:
             ro = rollout(model, tok, prompts, G, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed * 100003 + step,
                          batch_size=cfg.rollout_batch_size)

@@ -42,10 +42,12 @@ gives E_μ[(1 − r_t) g_t], which is neither. On-policy ρ ≡ 1 but must stay 
 
 Run `python toy.py` for the paper's Figure 2 (bias and variance of each configuration on a toy).
 """
+from dataclasses import dataclass
+
 import torch
 
 # ---------------------------------------------------------------------------------------------------------
-# Configurations a user types: "none" or "k{1,2,3}-in-{reward,loss,both}"
+# The KL configuration: parsed once from what a user types, then passed around as one immutable value
 # ---------------------------------------------------------------------------------------------------------
 ESTIMATORS = ("k1", "k2", "k3")
 PLACEMENTS = ("reward", "loss", "both")
@@ -53,17 +55,24 @@ KL_CONFIGS = ("none",) + tuple(f"{k}-in-{p}" for k in ESTIMATORS for p in PLACEM
 LEVELS = ("sequence", "token")
 KL_IS = ("none", "rho", "sg_rho")
 
-# k3 = e^{−δ} − 1 + δ overflows float32 once −δ > 88. We clamp δ at −20 *inside the exponential only*
-# (e^20 ≈ 4.9e8): values are unchanged for δ ≥ −20, i.e. whenever π_θ(y_t) > 2e-9·π_ref(y_t), which covers
-# every token a sampling policy realistically emits. Below that, k3 grows linearly instead of exponentially.
-K3_DELTA_MIN = -20.0
+
+@dataclass(frozen=True)
+class KLConfig:
+    """Which estimator, where it goes, and how it is weighted off-policy. Build it with parse_kl."""
+    name: str                      # what the user typed: "none" or "k{1,2,3}-in-{reward,loss,both}"
+    estimator: str = None          # "k1" | "k2" | "k3" | None (no KL)
+    in_reward: bool = False        # subtract β·sg(Σ k) from the reward (score-function term of Eq. 6)
+    in_loss: bool = False          # add β·Σ k to the loss and differentiate it (pathwise term of Eq. 6)
+    level: str = "sequence"        # in-reward penalty: the sequence sum, or reward-to-go ("token")
+    weight: str = "none"           # off-policy weight on the in-loss k_t: "none", "rho" (ρ_t), "sg_rho" (sg(ρ_t))
 
 
 def parse_kl(name, level="sequence", kl_is="none"):
-    """'k3-in-loss' -> ('k3', in_reward=False, in_loss=True); 'none' -> (None, False, False).
+    """'k3-in-loss' -> KLConfig(estimator='k3', in_reward=False, in_loss=True, ...); 'none' -> no KL at all.
 
-    Also rejects options that the configuration would silently ignore (a token level without a reward
-    placement, an off-policy weight without a loss placement): a user who asked for them meant something.
+    The one place a KL configuration is validated. It also rejects options the configuration would silently
+    ignore (a token level without a reward placement, an off-policy weight without a loss placement): a user who
+    asked for them meant something.
     """
     est, place = (None, None) if name == "none" else name.partition("-in-")[::2]
     if name != "none" and (est not in ESTIMATORS or place not in PLACEMENTS):
@@ -77,7 +86,7 @@ def parse_kl(name, level="sequence", kl_is="none"):
         raise ValueError(f"KL level 'token' (reward-to-go) needs a reward placement; {name!r} has none")
     if kl_is != "none" and not in_loss:
         raise ValueError(f"KL importance weight {kl_is!r} applies to the loss placement; {name!r} has none")
-    return est, in_reward, in_loss
+    return KLConfig(name, est, in_reward, in_loss, level, kl_is)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,9 +100,18 @@ def k2(delta):
     return 0.5 * delta.pow(2)
 
 
+# e^{−δ} overflows float32 once −δ > 88. Below δ = −20 (π_θ(y_t) < 2e-9·π_ref(y_t), a token no sampling policy
+# realistically emits) k3 continues along its tangent at −20: finite in every dtype, still decreasing in δ, with
+# the right gradient sign (slope 1 − e^{20} < 0). Clamping δ inside the exponential alone would give slope +1
+# there, and an in-loss k3 would then push π_θ further from π_ref.
+K3_DELTA_MIN = -20.0
+
+
 def k3(delta):
-    # expm1 keeps precision near δ = 0, where e^{−δ} − 1 and δ nearly cancel
-    return torch.expm1(-delta.clamp(min=K3_DELTA_MIN)) + delta
+    d = delta.clamp(min=K3_DELTA_MIN)                               # δ, or the threshold below it
+    exact = torch.expm1(-d) + d                                     # expm1 keeps precision near δ = 0
+    tangent = (delta - d) * (-torch.expm1(-d))                      # 0 above the threshold
+    return exact + tangent
 
 
 ESTIMATOR_FNS = {"k1": k1, "k2": k2, "k3": k3}
@@ -108,7 +126,7 @@ def token_kl(logp, ref_logp, estimator):
 # ---------------------------------------------------------------------------------------------------------
 # Where the estimate goes
 # ---------------------------------------------------------------------------------------------------------
-def kl_reward_penalty(logp, ref_logp, mask, estimator, level="sequence"):
+def kl_reward_penalty(logp, ref_logp, mask, kl):
     """Detached KL penalty to subtract (times β) from the return each token is credited with.
 
     | tensor   | shape  | meaning                                                        |
@@ -118,28 +136,25 @@ def kl_reward_penalty(logp, ref_logp, mask, estimator, level="sequence"):
     | mask     | (N, T) | 1 on completion tokens (up to and including EOS), 0 on padding  |
     | return   | (N, T) | sequence: Σ_s k_s on every token;  token: Σ_{s≥t} k_s (reward-to-go) |
     """
-    k = token_kl(logp.detach(), ref_logp, estimator) * mask         # (N, T)
-    if level == "sequence":
+    k = token_kl(logp.detach(), ref_logp, kl.estimator) * mask      # (N, T)
+    if kl.level == "sequence":
         return k.sum(-1, keepdim=True).expand_as(k) * mask          # (N, T) one scalar per sequence
-    if level == "token":
-        return k.flip(-1).cumsum(-1).flip(-1) * mask                # (N, T) Σ_{s≥t} k_s
-    raise ValueError(f"unknown KL level {level!r}; choose one of: {', '.join(LEVELS)}")
+    return k.flip(-1).cumsum(-1).flip(-1) * mask                    # (N, T) Σ_{s≥t} k_s
 
 
-def kl_loss_term(logp, ref_logp, mask, estimator, behav_logp=None, kl_is="none"):
+def kl_loss_term(logp, ref_logp, mask, kl, rho):
     """Differentiable KL term for the loss, summed over each completion: (N,) per sequence.
 
     Summing (not averaging) over tokens makes it an estimate of the *sequence* KL, not KL/|y|.
-    kl_is picks the off-policy weight w_t on k_t (ρ_t = π_θ/μ; μ = behav_logp, or sg(π_θ) on-policy):
-      "none"   w = 1         (GRPO as written)
-      "rho"    w = ρ_t       with gradient through ρ  (use with k3: RPG / DeepSeek-V3.2)
-      "sg_rho" w = sg(ρ_t)   (use with k2)
+    rho: the token importance ratio ρ_t = π_θ/μ, in the graph (kl_rl.importance_ratio). kl.weight picks the
+    off-policy weight on k_t:
+      "none"   1         (GRPO as written)
+      "rho"    ρ_t       with gradient through ρ  (use with k3: RPG / DeepSeek-V3.2)
+      "sg_rho" sg(ρ_t)   (use with k2)
     """
-    k = token_kl(logp, ref_logp, estimator)                         # (N, T) with grad
-    if kl_is != "none":
-        mu_logp = logp.detach() if behav_logp is None else behav_logp
-        rho = torch.exp(logp - mu_logp)                             # (N, T) == 1 on-policy, carries ∇log π
-        k = (rho.detach() if kl_is == "sg_rho" else rho) * k        # (N, T)
+    k = token_kl(logp, ref_logp, kl.estimator)                      # (N, T) with grad
+    if kl.weight != "none":
+        k = (rho.detach() if kl.weight == "sg_rho" else rho) * k    # (N, T)
     return (k * mask).sum(-1)                                       # (N,)
 
 

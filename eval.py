@@ -15,7 +15,7 @@ What it implements
   differences. It is much tighter than two overlapping independent CIs, because problem difficulty cancels.
 
 Simplifications
-  - HF generate only (kl_rl.rollout), true sampling: no top-k/top-p, so T=1 samples are the trained policy.
+  - HF generate only (policy.rollout), true sampling: no top-k/top-p, so T=1 samples are the trained policy.
   - The CIs cover the choice of problems and samples, not of training seeds: train several seeds and --compare
     their files. Percentile CIs are too narrow when there are few problems and accuracy is near 0 or 1.
   - Per-problem records (correct flags, lengths, greedy text) are saved so everything can be re-aggregated;
@@ -104,7 +104,7 @@ def generate_records(model, tok, name, examples, args):
     import torch
     from tqdm import tqdm
 
-    from kl_rl import rollout
+    from policy import rollout
     from tasks import build_prompt, reward
     n, bs, records = args.samples, args.batch_size, []
 
@@ -195,7 +195,7 @@ def run_eval(args):
     """Evaluate one model (+ adapter) on args.task_list; write and return the result dict."""
     import tasks
     import torch
-    from kl_rl import load_policy
+    from policy import load_policy
     examples = {}
     for t in args.task_list:   # load every task first: a missing data set fails before the model loads
         try:

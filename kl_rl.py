@@ -1,238 +1,33 @@
-"""kl_rl.py -- the RL machinery for KL-regularised fine-tuning: model, rollouts, log-probs, and the loss.
+"""kl_rl.py -- the KL-regularised RL objective in plain torch: advantages, importance ratio, loss.
 
-What it implements, top to bottom (train.py calls these; eval.py reuses the first three):
-  load_policy      base model by hub id or local folder, optionally 4-bit NF4 (QLoRA), LoRA on every linear layer.
-                   The reference π_ref is the SAME model with the adapters switched off (`disable_adapter()`),
-                   so a run holds one copy of the base weights and KL is exactly 0 at step 0.
-  rollout          P prompts × G completions in one batched HF `generate` call, left padding, true sampling
-                   (top_k=0, top_p=1: the KL estimates and ratios below are for π itself, not a truncated sampler);
-                   completion mask up to and including the first EOS.
-  token_logprobs   log π(y_t|s_t) of the sampled tokens under logits / temperature, computing logits only at
-                   completion positions, chunk by chunk (never the (N, C, V) float32 tensor).
-  token_kl_stats   exact per-token reverse / forward KL and entropy from full logits (a diagnostic, no estimator).
-  adapter_snapshot, swapped_adapter    the behaviour policy of --async-level N: the adapters of N steps ago.
-  shaped_advantages, policy_loss, rl_loss    the pure loss (tensors in, scalar + metrics out): task rewards and the
-                   detached in-reward KL -> RLOO / Dr. GRPO / GRPO advantages -> token importance ratio × advantage
-                   plus the differentiated in-loss KL, summed over tokens and divided by a constant.
+Maximises  E_x[ E_{y~π_θ}[R(x,y)] − β·KL(π_θ(·|x) ‖ π_ref(·|x)) ]  from a batch of sampled completions, given
+as tensors (no model inside). The KL configuration is one estimators.KLConfig (from parse_kl); what each
+configuration's expected gradient equals is the table at the top of estimators.py.
 
-Which gradient each KL configuration yields is in estimators.py; tests/ prove it by exact enumeration (toy.py).
-Simplifications: HF generate instead of vLLM; one device; no PPO clipping (one update per batch, as in the
-paper's RLOO runs; off-policy the ratio is clamped, as in the paper's async code).
+    kl = parse_kl("k1-in-reward")
+    advantages, _ = shaped_advantages(rewards, logp.detach(), ref_logp, mask, G, beta, kl, "rloo")
+    loss, metrics = policy_loss(logp, ref_logp, mask, advantages, beta, kl)      # or rl_loss(...) for both
+    loss.backward()
+
+  shaped_advantages   task rewards + the detached in-reward KL -> RLOO / Dr. GRPO / GRPO advantages
+  importance_ratio    ρ_t = π_θ/μ per token, kept in the graph (on-policy μ = sg(π_θ): ρ ≡ 1 but ∇ρ = ∇log π)
+  policy_loss         −Σ clip(ρ)·A + β·Σ w·k, summed over tokens and divided by a constant
+  rl_loss             both in one call;  seq_kl_values: the three sequence estimates, for logging
+
+Imports only torch and estimators, so toy.py and the notebooks use exactly the trainer's loss without
+transformers or peft. Simplifications: no PPO clipping (one update per batch, as in the paper's RLOO runs);
+off-policy the ratio is clamped, as in the paper's async code.
 """
-
-import contextlib
-import logging
-import os
-
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)   # harmless "no kernels" notice on CPU
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
-
-from estimators import ESTIMATORS, full_kl, kl_loss_term, kl_reward_penalty, parse_kl, token_kl  # noqa: E402
+from estimators import ESTIMATORS, kl_loss_term, kl_reward_penalty, parse_kl, token_kl
 
 # ---------------------------------------------------------------------------------------------------------
-# Model: policy π_θ = base + LoRA; reference π_ref = the SAME weights with the adapters switched off
-# ---------------------------------------------------------------------------------------------------------
-# A checkpoint's generation_config.json may set any of these; explicit neutral values make generate() draw from π
-# itself (KL estimates and importance ratios are computed for π, so a truncated sampler would bias both).
-TRUE_SAMPLING = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-NO_LOGITS_PROCESSING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=None,
-                            bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
-                            forced_bos_token_id=None, forced_eos_token_id=None)
-
-
-def check_model_source(model):
-    """Fail fast on a local path that does not exist (a hub id such as "Qwen/Qwen2.5-7B" is left to from_pretrained)."""
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(model)):
-        raise FileNotFoundError(f"model folder not found: {model}")
-
-
-def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                gradient_checkpointing=False, device=None, adapter=None):
-    """-> (peft_model, tokenizer). LoRA on every linear layer (or a saved `adapter`, trainable); the reference
-    policy is `with peft_model.disable_adapter():`, so a QLoRA run holds one 4-bit copy of the base weights."""
-    check_model_source(model)
-    if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise FileNotFoundError(f"no peft adapter (adapter_config.json) in {adapter}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")        # left padding for batched generate
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token    # base checkpoints often ship none; masks never rely on != pad
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quant,
-                                                device_map={"": str(device)})
-    for m in base.modules():   # bnb on CPU repacks 4-bit weights at the first eval forward; that layout has no backward
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    if load_in_4bit:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter is not None:
-        return PeftModel.from_pretrained(base, adapter, is_trainable=True), tokenizer
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    return get_peft_model(base, lora), tokenizer
-
-
-def stop_token_ids(model, tokenizer):
-    """Every id that ends a completion: the tokenizer's EOS plus generation_config's (Qwen-Instruct lists two)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | {tokenizer.eos_token_id})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Rollouts: G samples per prompt, one batched generate call
-# ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, seed=None, batch_size=None):
-    """prompts × group_size completions; rows i*G .. i*G+G-1 belong to prompt i. Greedy if temperature == 0.
-    batch_size (optional): at most this many sequences per generate call, since the KV cache grows with it."""
-    if seed is not None:
-        torch.manual_seed(seed)                      # also seeds every CUDA device
-    per_call = max(1, batch_size // group_size) if batch_size else len(prompts)
-    if per_call < len(prompts):
-        return merge_rollouts([rollout(model, tokenizer, prompts[i:i + per_call], group_size, max_new_tokens,
-                                       temperature) for i in range(0, len(prompts), per_call)], tokenizer.pad_token_id)
-    device = model.get_input_embeddings().weight.device
-    # a chat template that already starts with the BOS text must not get a second BOS from the tokenizer
-    add_bos = not (tokenizer.bos_token and prompts[0].startswith(tokenizer.bos_token))
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_bos).to(device)
-    stop = stop_token_ids(model, tokenizer)
-    if temperature > 0:
-        sampling = dict(do_sample=True, temperature=temperature, num_return_sequences=group_size, **TRUE_SAMPLING)
-    else:   # greedy refuses num_return_sequences > 1: repeat the prompts instead (same row order)
-        enc = {k: v.repeat_interleave(group_size, 0) for k, v in enc.items()}
-        sampling = dict(do_sample=False, temperature=None, **{k: None for k in TRUE_SAMPLING})
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=stop, **NO_LOGITS_PROCESSING, **sampling)   # (N, P+C)
-    P = enc["input_ids"].shape[1]
-    completion_ids = out[:, P:]                                                    # (N, C)
-    is_stop = torch.isin(completion_ids, torch.tensor(stop, device=device)).long() # (N, C)
-    # 1 up to and including the first EOS; pad may equal EOS, so `!= pad` would also drop the EOS itself
-    completion_mask = (is_stop.cumsum(1) - is_stop == 0).float()                   # (N, C)
-    prompt_mask = enc["attention_mask"].repeat_interleave(len(out) // len(enc["attention_mask"]), 0)   # (N, P)
-    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, completion_mask)],
-                                   skip_special_tokens=True)
-    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
-            "prompt_len": P, "completion_ids": completion_ids, "completion_mask": completion_mask,
-            "truncated": is_stop.sum(1) == 0, "texts": texts}
-
-
-def merge_rollouts(parts, pad_id):
-    """Concatenate rollouts of different widths: prompts stay left-padded, completions are right-padded."""
-    P, C = max(r["prompt_len"] for r in parts), max(r["completion_ids"].shape[1] for r in parts)
-    out = {"prompt_len": P, "texts": [t for r in parts for t in r["texts"]],
-           "truncated": torch.cat([r["truncated"] for r in parts])}
-    for key, left, value in [("input_ids", True, pad_id), ("attention_mask", True, 0),
-                             ("completion_ids", False, pad_id), ("completion_mask", False, 0)]:
-        out[key] = torch.cat([F.pad(r[key], (P - r["prompt_len"] if left else 0, C - r["completion_ids"].shape[1]),
-                                    value=value) for r in parts])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Log-probabilities of the sampled tokens, logits only where they are needed
-# ---------------------------------------------------------------------------------------------------------
-def _completion_hidden(model, input_ids, attention_mask, prompt_len):
-    """Last-layer hidden states at the positions that predict the completion tokens: (N, C, H)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)    # (N, P+C) what generate() used under left padding
-    h = base.get_decoder()(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                           position_ids=position_ids[:, :-1], use_cache=False).last_hidden_state   # (N, P+C-1, H)
-    return h[:, prompt_len - 1:]                                  # (N, C, H) position t predicts token t+1
-
-
-def _logits(model, h, temperature=1.0):
-    """LM head on a chunk of hidden states, in float32: (n, H) -> (n, V)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    logits = base.get_output_embeddings()(h).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma-2 style heads; None for Llama/Qwen
-    return (cap * torch.tanh(logits / cap) if cap else logits) / temperature
-
-
-def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512):
-    """log π(y_t | s_t) of the completion tokens under logits/temperature: (N, C).
-
-    Logits are built `chunk` token rows at a time; under grad each chunk is checkpointed, so backward recomputes its
-    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit)."""
-    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
-    targets = input_ids[:, prompt_len:]                                     # (N, C)
-
-    def chunk_logp(h_c, y_c):                                               # (n, H), (n,) -> (n,)
-        logits = _logits(model, h_c, temperature)                           # (n, V)
-        return logits.gather(1, y_c[:, None]).squeeze(1) - logits.logsumexp(1)
-
-    flat_h, flat_y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    out = []
-    for i in range(0, flat_y.numel(), chunk):
-        args = (flat_h[i:i + chunk], flat_y[i:i + chunk])
-        out.append(checkpoint(chunk_logp, *args, use_reentrant=False) if torch.is_grad_enabled()
-                   else chunk_logp(*args))
-    return torch.cat(out).view_as(targets)
-
-
-@torch.no_grad()
-def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
-    """Exact token-level KL(π‖π_ref), KL(π_ref‖π) and H(π) over the whole vocabulary (no estimator), averaged
-    over completion tokens. A diagnostic for one micro-batch per step: it builds two full logit rows per token."""
-    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
-    with model.disable_adapter():
-        h_ref = _completion_hidden(model, input_ids, attention_mask, prompt_len)
-    keep = completion_mask.reshape(-1).bool()
-    h, h_ref = h.reshape(-1, h.shape[-1])[keep], h_ref.reshape(-1, h.shape[-1])[keep]   # (M, H) real tokens
-    sums = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(h), chunk):
-        logits = _logits(model, h[i:i + chunk])                            # (n, V)
-        with model.disable_adapter():
-            ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
-        reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
-        sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()
-    reverse, forward, entropy = (sums / max(len(h), 1)).tolist()
-    return {"token_rkl": reverse, "token_fkl": forward, "entropy": entropy}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Off-policy snapshots (--async-level N): the behaviour policy is the LoRA state of N optimizer steps ago
-# ---------------------------------------------------------------------------------------------------------
-def adapter_snapshot(model):
-    """CPU copy of the trainable (LoRA) tensors: ~40M floats for a 7B at r=16, so keeping N of them is cheap."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-@contextlib.contextmanager
-def swapped_adapter(model, snapshot, live=None):
-    """Temporarily load `snapshot` into the live LoRA tensors; the live values are restored bit-exactly on exit.
-    `live`: a snapshot of the current adapters if the caller already has one (saves a device-to-CPU copy)."""
-    params = dict(model.named_parameters())
-    live = adapter_snapshot(model) if live is None else live
-    with torch.no_grad():
-        for n, t in snapshot.items():
-            params[n].copy_(t)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, t in live.items():
-                params[n].copy_(t)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RL loss: task rewards + KL configuration -> advantages -> a scalar loss (pure tensors, no model inside)
+# Advantages: task rewards + KL configuration -> one baseline per sequence, from its group
 # ---------------------------------------------------------------------------------------------------------
 # Shapes: N sequences = prompts × G, grouped so rows i*G … i*G+G−1 share a prompt (generate's order);
 # T completion positions. Every tensor below is (N, T) unless noted; `mask` is 1 on completion tokens.
 #
-# Advantage (one baseline per sequence, from the other members of its group):
 #   R'_i    = R_i − β·Σ_t sg(k_i,t)                        if the KL is in the reward (else R'_i = R_i)
 #   ret_i,t = R'_i (sequence level)  or  R_i − β·Σ_{s≥t} sg(k_i,s)  (token level, reward-to-go)
 #   rloo    : A_i,t = ret_i,t − mean_{j≠i} R'_j     unbiased: the baseline does not depend on y_i (paper §4.1)
@@ -241,29 +36,13 @@ def swapped_adapter(model, snapshot, live=None):
 #             The std division turns β into β/std_group, a different coefficient in every group. In a group
 #             whose task rewards are all equal, std_j R'_j = β·std_j K_j, so β cancels: the KL pull has the
 #             same size whatever β is (and whatever the KL is). Prefer rloo/dr_grpo for KL in the reward.
-# Loss (what autograd differentiates):
-#   loss = [ Σ_i Σ_t −clip(ρ_i,t)·A_i,t  +  β·Σ_i Σ_t w_i,t·k_i,t (KL in loss) ] / (n_seqs · token_budget)
-#   ρ_t = π_θ/μ per token (μ = behaviour policy; on-policy μ = sg(π_θ) so ρ ≡ 1 but ∇ρ = ρ·∇log π).
-#   Clamping ρ to [lo, hi] as the paper's async code does (no PPO min) zeroes the gradient of clamped tokens.
-#   Dividing by a constant (not by each completion's length) keeps Σ_t k_t a *sequence* KL; with
-#   token_budget = 1 the loss is the per-sequence objective averaged over sequences; with token_budget =
-#   max_new_tokens it is Dr. GRPO's constant. Either constant only rescales the whole gradient.
 ADVANTAGES = ("rloo", "dr_grpo", "grpo")
 
 
-def seq_kl_values(logp, ref_logp, mask):
-    """Batch means of the three sequence-level estimates Σ_t k_t (always log all three, CleanRL-style)."""
-    with torch.no_grad():
-        return {f"{name}": (token_kl(logp.detach(), ref_logp, name) * mask).sum(-1).mean().item()
-                for name in ESTIMATORS}
+def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl, adv="rloo", eps=1e-4):
+    """Task rewards (N,) + detached in-reward KL -> advantages (N, T) and a metrics dict. See the rule above.
 
-
-def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl="k1-in-reward",
-                      kl_level="sequence", adv="rloo", eps=1e-4):
-    """Task rewards (N,) + detached in-reward KL -> advantages (N, T) and a metrics dict. See the rule above."""
-    est, in_reward, _ = parse_kl(kl, kl_level)
-    if adv not in ADVANTAGES:
-        raise ValueError(f"unknown advantage type {adv!r}; choose one of: {', '.join(ADVANTAGES)}")
+    N may be any whole number of groups (a micro-batch of whole groups gives the same rows as the full batch)."""
     N, T = mask.shape
     G = group_size
     if N % G or G < 2:
@@ -271,15 +50,16 @@ def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl="k1-in
     rewards = rewards.to(mask.dtype)
     ret = rewards[:, None] * mask                                            # (N, T) return credited to token t
     seq_ret = rewards                                                        # (N,)  R'_i
-    if in_reward:
-        penalty = kl_reward_penalty(logp, ref_logp, mask, est, kl_level)     # (N, T) sg(Σ k) or sg(Σ_{s≥t} k)
-        ret = ret - beta * penalty
-        seq_ret = rewards - beta * (token_kl(logp.detach(), ref_logp, est) * mask).sum(-1)   # (N,)
+    if kl.in_reward:
+        ret = ret - beta * kl_reward_penalty(logp, ref_logp, mask, kl)       # (N, T) sg(Σ k) or sg(Σ_{s≥t} k)
+        seq_ret = rewards - beta * (token_kl(logp.detach(), ref_logp, kl.estimator) * mask).sum(-1)   # (N,)
     g = seq_ret.view(-1, G)                                                  # (N/G, G)
     if adv == "rloo":
         baseline = (g.sum(1, keepdim=True) - g) / (G - 1)                    # (N/G, G) leave-one-out mean
-    else:
+    elif adv in ("dr_grpo", "grpo"):
         baseline = g.mean(1, keepdim=True).expand_as(g)                      # (N/G, G) group mean, self included
+    else:
+        raise ValueError(f"unknown advantage type {adv!r}; choose one of: {', '.join(ADVANTAGES)}")
     scale = g.std(1, keepdim=True).expand_as(g) + eps if adv == "grpo" else torch.ones_like(g)
     advantages = (ret - baseline.reshape(N, 1)) / scale.reshape(N, 1) * mask  # (N, T)
     metrics = {"reward": rewards.mean().item(),
@@ -288,8 +68,23 @@ def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl="k1-in
     return advantages.detach(), metrics
 
 
-def policy_loss(logp, ref_logp, mask, advantages, beta, kl="k1-in-reward", behav_logp=None,
-                ratio_clip=(0.0, 8.0), kl_is="none", n_seqs=None, token_budget=None):
+# ---------------------------------------------------------------------------------------------------------
+# Loss: what autograd differentiates
+# ---------------------------------------------------------------------------------------------------------
+#   loss = [ Σ_i Σ_t −clip(ρ_i,t)·A_i,t  +  β·Σ_i Σ_t w_i,t·k_i,t (KL in loss) ] / (n_seqs · token_budget)
+#   Clamping ρ to [lo, hi] as the paper's async code does (no PPO min) zeroes the gradient of clamped tokens.
+#   Dividing by a constant (not by each completion's length) keeps Σ_t k_t a *sequence* KL; with
+#   token_budget = 1 the loss is the per-sequence objective averaged over sequences; with token_budget =
+#   max_new_tokens it is Dr. GRPO's constant. Either constant only rescales the whole gradient.
+def importance_ratio(logp, behav_logp=None):
+    """ρ_t = π_θ(y_t|s_t) / μ(y_t|s_t): (n, T), in the graph. μ = the behaviour policy that sampled y
+    (--async-level), or sg(π_θ) on-policy, where ρ ≡ 1 in value but ∇ρ = ∇log π still flows."""
+    mu_logp = logp.detach() if behav_logp is None else behav_logp
+    return torch.exp(logp - mu_logp)
+
+
+def policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp=None, ratio_clip=(0.0, 8.0), n_seqs=None,
+                token_budget=None):
     """Scalar loss for n ≤ N sequences (a micro-batch is fine) and its two terms, logged separately.
 
     | tensor     | shape  | meaning                                                        |
@@ -297,20 +92,21 @@ def policy_loss(logp, ref_logp, mask, advantages, beta, kl="k1-in-reward", behav
     | logp       | (n, T) | log π_θ(y_t|s_t), WITH grad                                     |
     | ref_logp   | (n, T) | log π_ref(y_t|s_t) (adapters off, no grad)                      |
     | mask       | (n, T) | 1 on completion tokens                                          |
-    | advantages | (n, T) | from shaped_advantages on the whole batch                       |
+    | advantages | (n, T) | from shaped_advantages                                          |
     | behav_logp | (n, T) | log μ(y_t|s_t) of the policy that sampled y; None = on-policy   |
-    n_seqs: sequences in the WHOLE batch, so that micro-batch losses add up to the full-batch loss.
+    kl: an estimators.KLConfig. n_seqs: sequences in the WHOLE batch, so micro-batch losses add up to its loss.
     """
-    est, _, in_loss = parse_kl(kl, kl_is=kl_is)
-    mu_logp = logp.detach() if behav_logp is None else behav_logp
-    ratio = torch.exp(logp - mu_logp)                                        # (n, T) ρ_t, ≡ 1 on-policy
-    clipped = ratio.clamp(*ratio_clip) if ratio_clip is not None else ratio  # (n, T)
+    rho = importance_ratio(logp, behav_logp)                                 # (n, T) ρ_t
+    clipped = rho.clamp(*ratio_clip) if ratio_clip is not None else rho      # (n, T)
+    # ∇(−ρ·A) = −ρ·A·∇log π: for an in-reward KL, A carries −β·sg(Σ k), so this line is where the KL's
+    # score-function term E[K̂·∇log π(y)] (paper Eq. 6) enters the gradient.
     pg = -(clipped * advantages * mask).sum()                                # Σ_i Σ_t −ρ·A
-    kl_sum = kl_loss_term(logp, ref_logp, mask, est, behav_logp, kl_is).sum() if in_loss else logp.new_zeros(())
+    # the in-loss KL is differentiated: the pathwise term E[Σ_t ∇k_t] of Eq. 6 (weighted by ρ if kl.weight says so)
+    kl_sum = kl_loss_term(logp, ref_logp, mask, kl, rho).sum() if kl.in_loss else logp.new_zeros(())
     denom = (n_seqs or mask.shape[0]) * (token_budget or 1)
     pg_term, kl_term = pg / denom, beta * kl_sum / denom
     with torch.no_grad():
-        r = ratio[mask.bool()]
+        r = rho[mask.bool()]
         metrics = {"pg_term": pg_term.item(), "kl_term": kl_term.item(),
                    "ratio_mean": r.mean().item() if r.numel() else 1.0,
                    "ratio_max": r.max().item() if r.numel() else 1.0,
@@ -320,10 +116,16 @@ def policy_loss(logp, ref_logp, mask, advantages, beta, kl="k1-in-reward", behav
     return pg_term + kl_term, metrics
 
 
-def rl_loss(logp, ref_logp, mask, rewards, group_size, beta, kl="k1-in-reward", kl_level="sequence",
-            adv="rloo", behav_logp=None, ratio_clip=(0.0, 8.0), kl_is="none", token_budget=None):
+def rl_loss(logp, ref_logp, mask, rewards, group_size, beta, kl=parse_kl("k1-in-reward"), adv="rloo",
+            behav_logp=None, ratio_clip=(0.0, 8.0), token_budget=None):
     """Whole batch in one call: shaped_advantages (from sg(logp)) then policy_loss. -> (loss, metrics)."""
-    advantages, m1 = shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl, kl_level, adv)
-    loss, m2 = policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp, ratio_clip, kl_is,
+    advantages, m1 = shaped_advantages(rewards, logp.detach(), ref_logp, mask, group_size, beta, kl, adv)
+    loss, m2 = policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp, ratio_clip,
                            token_budget=token_budget)
     return loss, {**m1, **m2, **seq_kl_values(logp, ref_logp, mask)}
+
+
+def seq_kl_values(logp, ref_logp, mask):
+    """Batch means of the three sequence-level estimates Σ_t k_t (always log all three, CleanRL-style)."""
+    with torch.no_grad():
+        return {name: (token_kl(logp.detach(), ref_logp, name) * mask).sum(-1).mean().item() for name in ESTIMATORS}

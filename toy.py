@@ -9,7 +9,7 @@ With V^T sequences we can enumerate everything, so every expectation here is exa
     tok_fkl      Σ_t E_{s_t~π_θ}[∇_θ KL(π_ref(·|s_t) ‖ π_θ(·|s_t))]  (state weights held fixed; paper Eq. 41)
     tok_rkl      Σ_t E_{s_t~π_θ}[∇_θ KL(π_θ(·|s_t) ‖ π_ref(·|s_t))]  (token-local reverse KL = E[Σ_t δ_t g_t])
     <config>     E[ĝ] of each configuration's single-sample KL gradient, built by the SAME code the trainer
-                 uses (kl_rl.policy_loss with estimators.kl_reward_penalty / kl_loss_term)
+                 uses (estimators.kl_reward_penalty and kl_rl.policy_loss)
 
 How a configuration's gradient is obtained without a special case per configuration: every KL surrogate
 depends on θ only through the sampled tokens' log-probs logp_t, so autograd gives per-token weights
@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from estimators import KL_CONFIGS, kl_reward_penalty, parse_kl
+from estimators import KL_CONFIGS, kl_reward_penalty, parse_kl, token_kl
 from kl_rl import policy_loss
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,14 +78,14 @@ def sample(table, M, V, generator):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def kl_weights(logp, ref_logp, kl, level="sequence", beta=1.0, behav_logp=None, kl_is="none"):
-    """w_t = ∂ℓ(y)/∂logp_t for the KL part of the loss, zero task reward, no baseline: (M, T)."""
-    est, in_reward, _ = parse_kl(kl, level, kl_is)
+def kl_weights(logp, ref_logp, kl, beta=1.0, behav_logp=None):
+    """w_t = ∂ℓ(y)/∂logp_t for the KL part of the loss (kl: an estimators.KLConfig), zero task reward, no
+    baseline: (M, T)."""
     lp = logp.detach().requires_grad_()
     mask = torch.ones_like(lp)
-    advantages = -beta * kl_reward_penalty(lp, ref_logp, mask, est, level) if in_reward else torch.zeros_like(lp)
+    advantages = -beta * kl_reward_penalty(lp, ref_logp, mask, kl) if kl.in_reward else torch.zeros_like(lp)
     # n_seqs=1: the loss is Σ_y ℓ(y), so row y of the gradient is sample y's own weights
-    loss, _ = policy_loss(lp, ref_logp, mask, advantages, beta, kl, behav_logp, None, kl_is, n_seqs=1)
+    loss, _ = policy_loss(lp, ref_logp, mask, advantages, beta, kl, behav_logp, None, n_seqs=1)
     return torch.autograd.grad(loss, lp)[0]
 
 
@@ -121,12 +121,13 @@ def exact_reference_grads(theta, phi, V, weights_from=None):
 
 def exact_config_grad(theta, phi, V, kl, level="sequence", beta=1.0, behav=None, kl_is="none"):
     """E[ĝ] of the configuration, exactly. behav: a logit table μ that samples y (off-policy), or None."""
+    kl = parse_kl(kl, level, kl_is)
     T = theta.shape[0]
     ys = all_sequences(V, T)
     logp = token_logprobs(theta, ys, V)                                           # (M, T) with grad
     ref_logp = token_logprobs(phi, ys, V).detach()
     behav_logp = None if behav is None else token_logprobs(behav, ys, V).detach()
-    w = kl_weights(logp, ref_logp, kl, level, beta, behav_logp, kl_is)            # (M, T) = ∂ℓ/∂logp
+    w = kl_weights(logp, ref_logp, kl, beta, behav_logp)                           # (M, T) = ∂ℓ/∂logp
     sampler_logp = logp if behav_logp is None else behav_logp
     prob = sampler_logp.sum(-1).exp().detach()                                    # (M,) P(y) under the sampler
     return _grad((prob[:, None] * w * logp).sum(), theta)
@@ -134,7 +135,6 @@ def exact_config_grad(theta, phi, V, kl, level="sequence", beta=1.0, behav=None,
 
 def exact_value(theta, phi, V, estimator):
     """E_{y~π_θ}[Σ_t k_t] exactly, for the value tests."""
-    from estimators import token_kl
     T = theta.shape[0]
     ys = all_sequences(V, T)
     logp, ref = token_logprobs(theta, ys, V), token_logprobs(phi, ys, V)
@@ -161,7 +161,7 @@ def per_sample_grads(theta, phi, ys, V, kl, level="sequence", beta=1.0):
     """(M, P) single-sample gradient estimates of a configuration's KL part on sampled sequences ys."""
     with torch.no_grad():
         logp, ref_logp = token_logprobs(theta, ys, V), token_logprobs(phi, ys, V)  # (M, T)
-    return table_grads(theta, ys, V, kl_weights(logp, ref_logp, kl, level, beta))
+    return table_grads(theta, ys, V, kl_weights(logp, ref_logp, parse_kl(kl, level), beta))
 
 
 def figure2(Ts=(2, 4, 6, 8, 10), V=2, R=200, N=1000, seed=0):

@@ -2,10 +2,12 @@
 
 Maximises  E[R(x, y)] − β·KL(π_θ(·|x) ‖ π_ref(·|x)), the KL estimated from the sampled tokens by k1, k2 or
 k3 and placed in the reward, the loss or both (--kl; see estimators.py for what each gradient equals). π_ref is the
-frozen base model (LoRA adapters switched off), so a run holds one copy of the base weights. One step:
-  1. P prompts × G completions from the behaviour policy μ (π_θ itself, or its adapters --async-level steps ago)
-  2. rewards (tasks.reward); no-grad passes: log π_ref, log π_θ (only for an in-reward KL), log μ (only if async)
-  3. shaped_advantages on the whole batch, then policy_loss per micro-batch (gradient accumulation), one AdamW step
+frozen base model (LoRA adapters switched off), so a run holds one copy of the base weights. One step of main():
+  1. sample   P prompts × G completions from the behaviour policy μ (π_θ, or its adapters --async-level steps ago)
+  2. score    task rewards (tasks.reward); no-grad passes for log π_ref (and log μ when async)
+  3. loss     per micro-batch of whole groups: log π_θ with grad, advantages from its detached copy
+              (kl_rl.shaped_advantages), kl_rl.policy_loss, backward; gradients add up over micro-batches
+  4. step     gradient-norm clip, one AdamW step
 Setups: --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step; also what a
 data-set task without --preset gets) and --preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio
 clipped to [0, 8], lr 1e-6); the paper's arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss,
@@ -28,16 +30,7 @@ Commands
 Outputs in --out: config.json, metrics.jsonl (one "train" record per step, "eval" records), metrics.png,
 checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async snapshots).
 
-Memory levers for Qwen2.5-7B at G=5 in 24 GB (the presets use all of them; sizes are estimates, not measured here)
-  --load-in-4bit             NF4 + double quantisation: ~15 GB of bf16 weights -> ~4 GB, plus ~4 GB for the
-                             152k-row embedding and LM head, which prepare_model_for_kbit_training keeps in fp32
-  --gradient-checkpointing   keep activations only at layer boundaries, recompute the rest in backward
-  --micro-batch-size         sequences per forward/backward; the loss is a sum, so results do not depend on it
-  --rollout-batch-size       sequences per generate call: the KV cache grows with rows × (prompt + max-new-tokens)
-  --max-new-tokens           bounds the KV cache, the activations and the logits
-  chunked log-probs          kl_rl.token_logprobs builds (512, V) float32 logits at a time and recomputes them in
-                             backward, so no (N, C, V) tensor exists (V = 152k for Qwen)
-  --optim paged_adamw_8bit   8-bit AdamW states that page to CPU under pressure (bitsandbytes, CUDA)
+Memory levers for a 7B on one 24 GB GPU, and every flag grouped: README.md (Training).
 """
 import argparse
 import json
@@ -55,11 +48,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
-from kl_rl import (ADVANTAGES, adapter_snapshot, check_model_source, load_policy, policy_loss, rollout, seq_kl_values,
-                   shaped_advantages, swapped_adapter, token_kl_stats, token_logprobs)
+from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from tasks import TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -181,8 +172,8 @@ def parse_config(argv=None):
 
 
 def check_config(cfg):
-    """Reject bad values before anything heavy runs (ValueError -> one line, exit 2)."""
-    parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
+    """Reject bad values before anything heavy runs (ValueError -> one line, exit 2). -> the parsed KLConfig."""
+    kl = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), temperature=(0, 0),
                  lr=(0, 0))                               # name -> (bound, 1: value >= bound, 0: value > bound)
@@ -200,6 +191,7 @@ def check_config(cfg):
         raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
     if not cfg.resume and cfg.out and os.path.isdir(os.path.join(cfg.out, "checkpoint")):
         raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+    return kl
 
 
 def load_data(cfg):
@@ -213,6 +205,8 @@ def load_data(cfg):
     for name, rows in [(cfg.task, train), *held_out.items()]:
         if not rows:
             raise TaskError(f"task {name!r} has no examples")
+    from policy import check_model_source
+    from transformers import AutoConfig, AutoTokenizer
     check_model_source(cfg.model)
     try:
         tok, model_cfg = AutoTokenizer.from_pretrained(cfg.model), AutoConfig.from_pretrained(cfg.model)
@@ -228,10 +222,11 @@ def load_data(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Helpers: no-grad passes, evaluation, checkpoints
+# Helpers: no-grad passes, evaluation, checkpoints, the run folder
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def logprobs_nograd(model, ro, rows, temperature):
+    from policy import token_logprobs
     return torch.cat([token_logprobs(model, ro["input_ids"][sl], ro["attention_mask"][sl], ro["prompt_len"],
                                      temperature) for sl in rows])                                  # (N, C)
 
@@ -239,6 +234,7 @@ def logprobs_nograd(model, ro, rows, temperature):
 @torch.no_grad()
 def evaluate(model, tok, cfg, held_out, step):
     """Held-out accuracy (greedy and/or sampled at --temperature) on each eval task -> list of JSONL records."""
+    from policy import rollout
     model.eval()
     records = []
     for name, rows in held_out.items():
@@ -285,35 +281,28 @@ def last_checkpoint(out):
     return f"last good checkpoint: {os.path.dirname(path)} (step {torch.load(path, weights_only=False)['step']})"
 
 
-def peak_memory_gb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
+def restore(ckpt, optimizer, snapshots, metrics_path):
+    """Load state.pt into the optimizer, the async snapshots and the RNGs; -> the step to continue from."""
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    snapshots.extend(state["snapshots"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] < state["step"]] \
+        if os.path.isfile(metrics_path) else []
+    open(metrics_path, "w").writelines(kept)
+    return state["step"]
 
 
-def clock():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()                             # GPU work is asynchronous: time what has finished
-    return time.perf_counter()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    cfg = parse_config(argv)
-    try:
-        check_config(cfg)
-        train_set, held_out = load_data(cfg)
-    except (ValueError, OSError) as e:                      # TaskError is a ValueError
-        die(str(e).strip().splitlines()[0])
-    if cfg.preset:
-        print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
-    _, in_reward, _ = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
+def start_run(cfg):
+    """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's)."""
+    from policy import load_policy
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
     os.makedirs(out, exist_ok=True)
     json.dump(asdict(cfg), open(os.path.join(out, "config.json"), "w"), indent=2)
-
     if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)                              # LoRA initialisation
@@ -328,36 +317,56 @@ def main(argv=None):
         import bitsandbytes as bnb
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     snapshots = deque(maxlen=cfg.async_level + 1)           # adapters at the start of the last N+1 steps
-    start = 0
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
-        start = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        snapshots.extend(state["snapshots"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
-        kept = [line for line in open(metrics_path) if json.loads(line)["step"] < start] if os.path.isfile(
-            metrics_path) else []
-        open(metrics_path, "w").writelines(kept)
+    start = restore(ckpt, optimizer, snapshots, metrics_path) if ckpt else 0
     log = open(metrics_path, "a" if ckpt else "w")          # a fresh run never appends to an old file
+    return out, model, tok, params, optimizer, snapshots, log, start
+
+
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
+
+
+def clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()                             # GPU work is asynchronous: time what has finished
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: the recipe of the module docstring
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        kl = check_config(cfg)
+        train_set, held_out = load_data(cfg)
+    except (ValueError, OSError) as e:                      # TaskError is a ValueError
+        die(str(e).strip().splitlines()[0])
+    if cfg.preset:
+        print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
+    from policy import adapter_snapshot, rollout, swapped_adapter, token_kl_stats, token_logprobs
+    out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg)
+    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
+    rows = [slice(i, i + mb) for i in range(0, N, mb)]
+    nb = max(cfg.rollout_batch_size, mb)                     # no-grad passes keep no activations: bigger chunks
+    nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
+    # sg(log π_θ) for an in-reward KL comes from the grad pass itself, unless dropout would perturb it
+    nograd_policy_pass = kl.in_reward and cfg.lora_dropout > 0
 
     def write(rec):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
-    rows = [slice(i, i + cfg.micro_batch_size) for i in range(0, N, cfg.micro_batch_size)]
-    nb = max(cfg.rollout_batch_size, cfg.micro_batch_size)   # no-grad passes keep no activations: bigger chunks
-    nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
             for rec in evaluate(model, tok, cfg, held_out, step):
                 write(rec)
+        # 1. sample: P prompts × G completions from the behaviour policy μ -------------------------------------
         t0 = clock()
         rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
         batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
@@ -373,45 +382,34 @@ def main(argv=None):
             t1 = clock()
             behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature) if cfg.async_level else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
+        # 2. score: task rewards, log π_ref, exact KL diagnostics -------------------------------------------------
         rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
                                 zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
-        with torch.no_grad(), model.disable_adapter():
+        with model.disable_adapter():
             ref_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature)                 # (N, C) π_ref
+        sg_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature) if nograd_policy_pass else None
         diag = slice(0, min(N, cfg.micro_batch_size, 64))   # exact KLs need full logits: a few rows suffice
         exact = token_kl_stats(model, ids[diag], attn[diag], P, mask[diag], cfg.temperature)
         t2 = clock()
+        # 3. loss: advantages and policy_loss per micro-batch of whole groups; gradients add up ----------------
         model.train()
-        first_logp = None                                    # a grad pass done early, reused below
-        if in_reward and len(rows) == 1 and cfg.lora_dropout == 0:   # its grad pass also gives sg(log π) exactly
-            first_logp = token_logprobs(model, ids, attn, P, cfg.temperature)
-            logp_now = first_logp.detach()
-        elif in_reward:
-            model.eval()
-            logp_now = logprobs_nograd(model, ro, nograd_rows, cfg.temperature)                 # (N, C) sg(π_θ)
-            model.train()
-        else:
-            logp_now = ref_logp                              # unused: no KL in the reward
-        advantages, adv_metrics = shaped_advantages(rewards, logp_now, ref_logp, mask, G, cfg.beta, cfg.kl,
-                                                    cfg.kl_level, cfg.adv)                    # (N, C)
-
         optimizer.zero_grad(set_to_none=True)
         logps = []
-        for k, sl in enumerate(rows):
-            logp = first_logp if k == 0 and first_logp is not None else \
-                token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)                    # (n, C)
-            loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages[sl], cfg.beta, cfg.kl,
-                                  None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, cfg.kl_is,
-                                  n_seqs=N, token_budget=cfg.token_budget)
+        for sl in rows:
+            logp = token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)                   # (n, C) with grad
+            advantages, _ = shaped_advantages(rewards[sl], logp.detach() if sg_logp is None else sg_logp[sl],
+                                              ref_logp[sl], mask[sl], G, cfg.beta, kl, cfg.adv)   # (n, C)
+            loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages, cfg.beta, kl,
+                                  None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, n_seqs=N,
+                                  token_budget=cfg.token_budget)
             if not math.isfinite(loss.item()):
                 bad = " and ".join(t[:-5] for t in ("pg_term", "kl_term") if not math.isfinite(m[t])) or "total"
                 print(f"train.py: error: non-finite loss at step {step} ({bad} term: pg_term={m['pg_term']}, "
                       f"kl_term={m['kl_term']}); {last_checkpoint(out)}", file=sys.stderr)
                 return 1
-            loss.backward()                                  # gradients add up over micro-batches
+            loss.backward()
             logps.append(logp.detach())
-        logp = torch.cat(logps)                              # (N, C) metrics of the whole batch, no grad
-        _, agg = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, cfg.kl, behav_logp, cfg.ratio_clip, cfg.kl_is,
-                             token_budget=cfg.token_budget)
+        # 4. step ------------------------------------------------------------------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
         if not math.isfinite(grad_norm):
             print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)
@@ -419,11 +417,10 @@ def main(argv=None):
         optimizer.step()
         t3 = clock()
 
-        lengths = mask.sum(1)                                                                  # (N,)
-        rec = {"type": "train", "step": step, **adv_metrics, "accuracy": (rewards > 0.5).float().mean().item(),
-               **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **exact,
-               **agg, "loss": agg["pg_term"] + agg["kl_term"], "grad_norm": grad_norm,
-               "completion_len": lengths.mean().item(), "truncated_frac": ro["truncated"].float().mean().item(),
+        logp = torch.cat(logps)                              # (N, C) the whole batch's metrics, no grad
+        rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
+                                                              behav_logp), **exact, "grad_norm": grad_norm,
+               "truncated_frac": ro["truncated"].float().mean().item(),
                "time_generate": t1 - t0, "time_no_grad": t2 - t1, "time_policy": t3 - t2, "time_step": t3 - t0,
                "tokens_per_s": (attn.sum().item()) / (t3 - t0), "peak_mem_gb": peak_memory_gb()}
         write(rec)
@@ -436,6 +433,17 @@ def main(argv=None):
     log.close()
     report(out)
     return 0
+
+
+def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
+    """Rewards, the three sequence KL estimates, both loss terms and ratio stats of the whole batch (no grad)."""
+    advantages, adv_metrics = shaped_advantages(rewards, logp if sg_logp is None else sg_logp, ref_logp, mask,
+                                                cfg.group_size, cfg.beta, kl, cfg.adv)
+    _, loss_metrics = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, kl, behav_logp, cfg.ratio_clip,
+                                  token_budget=cfg.token_budget)
+    return {**adv_metrics, "accuracy": (rewards > 0.5).float().mean().item(),
+            **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **loss_metrics,
+            "loss": loss_metrics["pg_term"] + loss_metrics["kl_term"], "completion_len": mask.sum(1).mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def evaluate(argv):
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
     """A run folder as train.py writes it, whose adapter is peft's fresh LoRA (B = 0): base + adapter == base."""
-    from kl_rl import load_policy
+    from policy import load_policy
     d = tmp_path_factory.mktemp("eval")
     model = ev.TINY
     if not os.path.isdir(model):
@@ -181,7 +181,7 @@ def test_bad_inputs_exit_2_with_one_line(zero_run, tmp_path, capsys):
     (other / "checkpoint" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "x/y"}))
     assert "trained on base model 'x/y'" in _error(["--adapter", str(other), "--model", model], capsys)
     import tiny_model                                                                   # same name, other shapes
-    from kl_rl import load_policy
+    from policy import load_policy
     wide, _ = load_policy(tiny_model.build_random_model(str(tmp_path / "wide"), hidden_size=64))
     wide.save_pretrained(str(tmp_path / "wide-lora"))
     cfg_path = tmp_path / "wide-lora" / "adapter_config.json"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import toy
+from estimators import parse_kl
 from kl_rl import policy_loss, rl_loss, seq_kl_values, shaped_advantages
 
 V, T, G = 2, 3, 4
@@ -21,7 +22,7 @@ def group_grads(theta, phi, ys, rewards, beta, kl, level="sequence", adv="rloo",
         ref_logp = toy.token_logprobs(phi, ys, V)
     logp = toy.token_logprobs(theta, ys, V).detach().requires_grad_()
     mask = torch.ones_like(logp)
-    loss, _ = rl_loss(logp, ref_logp, mask, rewards, G, beta, kl, level, adv, behav_logp, None, kl_is)
+    loss, _ = rl_loss(logp, ref_logp, mask, rewards, G, beta, parse_kl(kl, level, kl_is), adv, behav_logp, None)
     w = torch.autograd.grad(loss * ys.shape[0], logp)[0]                  # (N, T) = Σ_i ℓ_i per token
     return toy.table_grads(theta, ys, V, w).view(ys.shape[0] // G, G, -1).mean(1)     # (groups, P)
 
@@ -134,6 +135,7 @@ def test_on_policy_ratio_is_exactly_one_and_off_policy_is_not():
 def test_micro_batches_add_up_to_the_full_batch_loss_and_gradient():
     logp, ref, mask, r = _batch()
     for kl in ("k1-in-reward", "k3-in-loss", "k3-in-both"):
+        kl = parse_kl(kl)
         full, _ = rl_loss(logp, ref, mask, r, 4, 0.2, kl, token_budget=7)
         (g_full,) = torch.autograd.grad(full, logp)
         adv, _ = shaped_advantages(r, logp, ref, mask, 4, 0.2, kl)
@@ -149,15 +151,15 @@ def test_in_loss_kl_is_summed_over_tokens_not_averaged():
     ref = torch.full((2, 4), -0.5)
     mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1]])
     adv = torch.zeros(2, 4)
-    loss, m = policy_loss(logp, ref, mask, adv, 1.0, "k1-in-loss")
+    loss, m = policy_loss(logp, ref, mask, adv, 1.0, parse_kl("k1-in-loss"))
     assert m["kl_term"] == pytest.approx((2 * 0.5 + 4 * 0.5) / 2)
-    loss2, _ = policy_loss(logp, ref, mask, adv, 1.0, "k1-in-loss", token_budget=4)
+    loss2, _ = policy_loss(logp, ref, mask, adv, 1.0, parse_kl("k1-in-loss"), token_budget=4)
     assert loss2.item() == pytest.approx(loss.item() / 4)
 
 
 def test_kl_metrics_report_all_three_estimators_and_separate_terms():
     logp, ref, mask, r = _batch()
-    loss, m = rl_loss(logp, ref, mask, r, 4, 0.1, "k3-in-loss")
+    loss, m = rl_loss(logp, ref, mask, r, 4, 0.1, parse_kl("k3-in-loss"))
     d = (logp.detach() - ref) * mask
     assert m["k1"] == pytest.approx(d.sum(-1).mean().item(), rel=1e-5)
     assert m["k2"] == pytest.approx((0.5 * d ** 2).sum(-1).mean().item(), rel=1e-5)
@@ -173,4 +175,4 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="groups of 3"):
         rl_loss(logp, ref, mask, r, 3, 0.1)
     with pytest.raises(ValueError, match="unknown KL configuration"):
-        rl_loss(logp, ref, mask, r, 4, 0.1, kl="k1-reward")
+        rl_loss(logp, ref, mask, r, 4, 0.1, kl=parse_kl("k1-reward"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import policy
 import train
 from estimators import KL_CONFIGS
 from kl_rl import ADVANTAGES
@@ -72,8 +73,8 @@ def test_every_trainable_parameter_changes_and_base_weights_do_not(model_dir, tm
         seen["model"], seen["before"] = model, {n: p.detach().clone() for n, p in model.named_parameters()}
         return model, tok
 
-    load = train.load_policy
-    monkeypatch.setattr(train, "load_policy", capture)
+    load = policy.load_policy                              # train.py imports it after validating its flags
+    monkeypatch.setattr(policy, "load_policy", capture)
     flags = ["--kl", "k1-in-both", "--weight-decay", "0"] + (["--load-in-4bit"] if four_bit else [])
     assert run(model_dir, tmp_path, *flags) == 0
     after = dict(seen["model"].named_parameters())
@@ -126,7 +127,7 @@ def test_presets_and_explicit_flags_override():
     cfg = train.parse_config(["--preset", "paper-onpolicy", "--no-load-in-4bit"])
     assert (cfg.adv, cfg.group_size, cfg.beta, cfg.async_level, cfg.load_in_4bit) == ("rloo", 5, 0.05, 0, False)
     assert 250 <= cfg.group_size * cfg.prompts_per_step <= 256
-    # the GPU command names no preset: a real task must still get the paper's layout, not arith's
+    # the README's 7B command names no preset: a real task must still get the paper's layout, not arith's
     cfg = train.parse_config(["--model", "Qwen/Qwen2.5-7B", "--task", "math", "--kl", "k1-in-reward", "--load-in-4bit",
                               "--group-size", "4"])
     assert (cfg.preset, cfg.adv, cfg.max_new_tokens, cfg.eval_tasks) == ("paper-onpolicy", "rloo", 1024, ("math500",))

@@ -1,9 +1,9 @@
-"""Model side of kl_rl.py on a tiny random Llama (offline, CPU): loading, rollouts, log-probs, reference, snapshots."""
+"""policy.py on a tiny random Llama (offline, CPU): loading, rollouts, log-probs, reference, snapshots."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kl_rl import (adapter_snapshot, load_policy, merge_rollouts, rollout, swapped_adapter, token_kl_stats,
+from policy import (adapter_snapshot, load_policy, merge_rollouts, rollout, swapped_adapter, token_kl_stats,
                    token_logprobs)
 
 

@@ -1,0 +1,221 @@
+"""policy.py -- the policy π_θ and the reference π_ref as one Hugging Face model: load, sample, score.
+
+What it implements, top to bottom (train.py calls these; eval.py reuses the first two):
+  load_policy      base model by hub id or local folder, optionally 4-bit NF4 (QLoRA), LoRA on every linear layer.
+                   The reference π_ref is the SAME model with the adapters switched off (`disable_adapter()`),
+                   so a run holds one copy of the base weights and KL is exactly 0 at step 0.
+  rollout          P prompts × G completions in one batched HF `generate` call, left padding, true sampling
+                   (top_k=0, top_p=1: the KL estimates and ratios are for π itself, not a truncated sampler);
+                   completion mask up to and including the first EOS.
+  token_logprobs   log π(y_t|s_t) of the sampled tokens under logits / temperature, computing logits only at
+                   completion positions, chunk by chunk (never the (N, C, V) float32 tensor).
+  token_kl_stats   exact per-token reverse / forward KL and entropy from full logits (a diagnostic, no estimator).
+  adapter_snapshot, swapped_adapter    the behaviour policy of --async-level N: the adapters of N steps ago.
+
+The loss these tensors feed is in kl_rl.py (torch only). Simplifications: HF generate instead of vLLM; one device.
+"""
+
+import contextlib
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)   # harmless "no kernels" notice on CPU
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+
+from estimators import full_kl  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# Model: policy π_θ = base + LoRA; reference π_ref = the SAME weights with the adapters switched off
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint's generation_config.json may set any of these; explicit neutral values make generate() draw from π
+# itself (KL estimates and importance ratios are computed for π, so a truncated sampler would bias both).
+TRUE_SAMPLING = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+NO_LOGITS_PROCESSING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=None,
+                            bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
+                            forced_bos_token_id=None, forced_eos_token_id=None)
+
+
+def check_model_source(model):
+    """Fail fast on a local path that does not exist (a hub id such as "Qwen/Qwen2.5-7B" is left to from_pretrained)."""
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+        raise FileNotFoundError(f"model folder not found: {model}")
+
+
+def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                gradient_checkpointing=False, device=None, adapter=None):
+    """-> (peft_model, tokenizer). LoRA on every linear layer (or a saved `adapter`, trainable); the reference
+    policy is `with peft_model.disable_adapter():`, so a QLoRA run holds one 4-bit copy of the base weights."""
+    check_model_source(model)
+    if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"no peft adapter (adapter_config.json) in {adapter}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")        # left padding for batched generate
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token    # base checkpoints often ship none; masks never rely on != pad
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quant,
+                                                device_map={"": str(device)})
+    for m in base.modules():   # bnb on CPU repacks 4-bit weights at the first eval forward; that layout has no backward
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    if load_in_4bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter is not None:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True), tokenizer
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lora), tokenizer
+
+
+def stop_token_ids(model, tokenizer):
+    """Every id that ends a completion: the tokenizer's EOS plus generation_config's (Qwen-Instruct lists two)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts: G samples per prompt, one batched generate call
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, seed=None, batch_size=None):
+    """prompts × group_size completions; rows i*G .. i*G+G-1 belong to prompt i. Greedy if temperature == 0.
+    batch_size (optional): at most this many sequences per generate call, since the KV cache grows with it."""
+    if seed is not None:
+        torch.manual_seed(seed)                      # also seeds every CUDA device
+    per_call = max(1, batch_size // group_size) if batch_size else len(prompts)
+    if per_call < len(prompts):
+        return merge_rollouts([rollout(model, tokenizer, prompts[i:i + per_call], group_size, max_new_tokens,
+                                       temperature) for i in range(0, len(prompts), per_call)], tokenizer.pad_token_id)
+    device = model.get_input_embeddings().weight.device
+    # a chat template that already starts with the BOS text must not get a second BOS from the tokenizer
+    add_bos = not (tokenizer.bos_token and prompts[0].startswith(tokenizer.bos_token))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_bos).to(device)
+    stop = stop_token_ids(model, tokenizer)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, num_return_sequences=group_size, **TRUE_SAMPLING)
+    else:   # greedy refuses num_return_sequences > 1: repeat the prompts instead (same row order)
+        enc = {k: v.repeat_interleave(group_size, 0) for k, v in enc.items()}
+        sampling = dict(do_sample=False, temperature=None, **{k: None for k in TRUE_SAMPLING})
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=stop, **NO_LOGITS_PROCESSING, **sampling)   # (N, P+C)
+    P = enc["input_ids"].shape[1]
+    completion_ids = out[:, P:]                                                    # (N, C)
+    is_stop = torch.isin(completion_ids, torch.tensor(stop, device=device)).long() # (N, C)
+    # 1 up to and including the first EOS; pad may equal EOS, so `!= pad` would also drop the EOS itself
+    completion_mask = (is_stop.cumsum(1) - is_stop == 0).float()                   # (N, C)
+    prompt_mask = enc["attention_mask"].repeat_interleave(len(out) // len(enc["attention_mask"]), 0)   # (N, P)
+    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, completion_mask)],
+                                   skip_special_tokens=True)
+    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
+            "prompt_len": P, "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "truncated": is_stop.sum(1) == 0, "texts": texts}
+
+
+def merge_rollouts(parts, pad_id):
+    """Concatenate rollouts of different widths: prompts stay left-padded, completions are right-padded."""
+    P, C = max(r["prompt_len"] for r in parts), max(r["completion_ids"].shape[1] for r in parts)
+    out = {"prompt_len": P, "texts": [t for r in parts for t in r["texts"]],
+           "truncated": torch.cat([r["truncated"] for r in parts])}
+    for key, left, value in [("input_ids", True, pad_id), ("attention_mask", True, 0),
+                             ("completion_ids", False, pad_id), ("completion_mask", False, 0)]:
+        out[key] = torch.cat([F.pad(r[key], (P - r["prompt_len"] if left else 0, C - r["completion_ids"].shape[1]),
+                                    value=value) for r in parts])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-probabilities of the sampled tokens, logits only where they are needed
+# ---------------------------------------------------------------------------------------------------------
+def _completion_hidden(model, input_ids, attention_mask, prompt_len):
+    """Last-layer hidden states at the positions that predict the completion tokens: (N, C, H)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)    # (N, P+C) what generate() used under left padding
+    h = base.get_decoder()(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                           position_ids=position_ids[:, :-1], use_cache=False).last_hidden_state   # (N, P+C-1, H)
+    return h[:, prompt_len - 1:]                                  # (N, C, H) position t predicts token t+1
+
+
+def _logits(model, h, temperature=1.0):
+    """LM head on a chunk of hidden states, in float32: (n, H) -> (n, V)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    logits = base.get_output_embeddings()(h).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma-2 style heads; None for Llama/Qwen
+    return (cap * torch.tanh(logits / cap) if cap else logits) / temperature
+
+
+def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512):
+    """log π(y_t | s_t) of the completion tokens under logits/temperature: (N, C).
+
+    Logits are built `chunk` token rows at a time; under grad each chunk is checkpointed, so backward recomputes its
+    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit)."""
+    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
+    targets = input_ids[:, prompt_len:]                                     # (N, C)
+
+    def chunk_logp(h_c, y_c):                                               # (n, H), (n,) -> (n,)
+        logits = _logits(model, h_c, temperature)                           # (n, V)
+        return logits.gather(1, y_c[:, None]).squeeze(1) - logits.logsumexp(1)
+
+    flat_h, flat_y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    out = []
+    for i in range(0, flat_y.numel(), chunk):
+        args = (flat_h[i:i + chunk], flat_y[i:i + chunk])
+        out.append(checkpoint(chunk_logp, *args, use_reentrant=False) if torch.is_grad_enabled()
+                   else chunk_logp(*args))
+    return torch.cat(out).view_as(targets)
+
+
+@torch.no_grad()
+def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
+    """Exact token-level KL(π‖π_ref), KL(π_ref‖π) and H(π) over the whole vocabulary (no estimator), averaged
+    over completion tokens. A diagnostic for one micro-batch per step: it builds two full logit rows per token."""
+    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
+    with model.disable_adapter():
+        h_ref = _completion_hidden(model, input_ids, attention_mask, prompt_len)
+    keep = completion_mask.reshape(-1).bool()
+    h, h_ref = h.reshape(-1, h.shape[-1])[keep], h_ref.reshape(-1, h.shape[-1])[keep]   # (M, H) real tokens
+    sums = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(h), chunk):
+        logits = _logits(model, h[i:i + chunk])                            # (n, V)
+        with model.disable_adapter():
+            ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
+        reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
+        sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()
+    reverse, forward, entropy = (sums / max(len(h), 1)).tolist()
+    return {"token_rkl": reverse, "token_fkl": forward, "entropy": entropy}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Off-policy snapshots (--async-level N): the behaviour policy is the LoRA state of N optimizer steps ago
+# ---------------------------------------------------------------------------------------------------------
+def adapter_snapshot(model):
+    """CPU copy of the trainable (LoRA) tensors: ~40M floats for a 7B at r=16, so keeping N of them is cheap."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def swapped_adapter(model, snapshot, live=None):
+    """Temporarily load `snapshot` into the live LoRA tensors; the live values are restored bit-exactly on exit.
+    `live`: a snapshot of the current adapters if the caller already has one (saves a device-to-CPU copy)."""
+    params = dict(model.named_parameters())
+    live = adapter_snapshot(model) if live is None else live
+    with torch.no_grad():
+        for n, t in snapshot.items():
+            params[n].copy_(t)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, t in live.items():
+                params[n].copy_(t)

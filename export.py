@@ -253,7 +253,7 @@ def _trl(cfg):
     est, place = parse_kl(cfg.kl)
     trainer, (lo, hi), L, tb = _trl_trainer(cfg), cfg.ratio_clip, cfg.max_new_tokens, cfg.token_budget
     args = dict(output_dir=f"runs/trl-{cfg.kl}", seed=cfg.seed, max_steps=cfg.steps, learning_rate=cfg.lr,
-                lr_scheduler_type="constant", warmup_ratio=0.0, adam_beta1=0.9, adam_beta2=0.99,
+                lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99,
                 weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                 per_device_train_batch_size=cfg.group_size, gradient_accumulation_steps=cfg.prompts_per_step,
                 num_generations=cfg.group_size, max_completion_length=L, temperature=cfg.temperature,

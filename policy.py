@@ -41,8 +41,10 @@ NO_LOGITS_PROCESSING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_
 
 
 def check_model_source(model):
-    """Fail fast on a local path that does not exist (a hub id such as "Qwen/Qwen2.5-7B" is left to from_pretrained)."""
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    """Fail fast on a local path that does not exist (a hub id such as "Qwen/Qwen2.5-7B" is left to from_pretrained).
+    "mymodels/tiny" looks like a hub id, but if ./mymodels exists it is a mistyped folder: say so now rather than
+    after the hub's ~50 s of retries."""
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.isdir(model.split("/")[0])
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"model folder not found: {model}")
 

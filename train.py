@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -47,6 +48,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
@@ -115,6 +117,8 @@ class Config:
     seed: int = arg(0, "seed (step s draws prompts and samples with seed·100003 + s)", LOG)
     device: str = arg(None, "cuda / cpu (default: cuda if available)", LOG, type=str)
     threads: int = arg(1, "torch threads on CPU (tiny models: more threads only wait at barriers; 0 = torch's)", LOG)
+    export: str = arg(None, "print this run as a command for a multi-GPU engine and exit without training", "scaling out",
+                      type=str, choices=("verl", "openrlhf", "trl"))
 
 
 HUB_TASKS = ("math", "math500", "mmlu_college_physics", "mmlu_college_chemistry", "mmlu_college_biology")
@@ -131,20 +135,35 @@ PRESETS = {
 }
 
 
+RESUMABLE = ("resume", "steps", "eval_every", "save_every", "device", "threads", "export")   # cannot change the run
+EXAMPLES = """examples:
+  python train.py                                             # the offline default: tiny model, arith, k1-in-reward
+  python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
+  python train.py --preset paper-onpolicy --kl k1-in-reward   # the paper's 7B on-policy setup (QLoRA, one GPU)
+  python train.py --resume runs/k3 --steps 300                # continue a run (only --steps and cadence may change)"""
+
+
 def die(msg):
     print(f"train.py: error: {msg}", file=sys.stderr)      # one line, exit 2: the argparse convention
     sys.exit(2)
 
 
+def shown(v):
+    """A default as a user would type it: on/off, `0.0 8.0` for a pair, nothing for an empty list."""
+    return ("on" if v else "off") if isinstance(v, bool) else " ".join(map(str, v)) if isinstance(v, tuple) else v
+
+
 def parse_config(argv=None):
     """defaults < --preset < the resumed run's config.json < flags given on the command line."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.error = die                                           # one line instead of usage + error
     groups = {}
     for f in fields(Config):
         meta = dict(f.metadata)
         group = groups.setdefault(meta.pop("group"), ap.add_argument_group(f.metadata["group"]))
-        meta["help"] += f" (default: {f.default})"
+        if "default" not in meta["help"] and f.default not in (None, ()):
+            meta["help"] += f" (default: {shown(f.default)})"
         if isinstance(f.default, bool):
             meta["action"] = argparse.BooleanOptionalAction
         elif "type" not in meta:
@@ -153,10 +172,7 @@ def parse_config(argv=None):
     given = vars(ap.parse_args(argv))
     resumed = {}
     if "resume" in given:
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.isfile(path):
-            die(f"--resume {given['resume']}: no config.json there (not a run folder)")
-        resumed = {k: v for k, v in json.load(open(path)).items() if k in {f.name for f in fields(Config)}}
+        resumed = resumed_config(given)
     preset = given.get("preset", resumed.get("preset"))
     task = given.get("task", resumed.get("task", Config.task))
     if preset is None and not resumed and task in HUB_TASKS:
@@ -171,16 +187,40 @@ def parse_config(argv=None):
     return cfg
 
 
+def resumed_config(given):
+    """The run's config.json; refuses a flag that would change what the run is (a different arm, lr, model...)."""
+    run = given["resume"]
+    try:
+        saved = json.load(open(os.path.join(run, "config.json")))
+        assert isinstance(saved, dict)
+    except FileNotFoundError:
+        die(f"--resume {run}: no config.json there (not a run folder)")
+    except (OSError, ValueError, AssertionError):
+        die(f"--resume {run}: config.json is unreadable or corrupt (not a JSON object)")
+    names = {f.name: f.default for f in fields(Config)}
+    resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    for k, v in given.items():
+        was = resumed.get(k, names[k])
+        if k not in RESUMABLE and (tuple(v) if isinstance(v, list) else v) != was:
+            die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
+                f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
+    return resumed
+
+
 def check_config(cfg):
     """Reject bad values before anything heavy runs (ValueError -> one line, exit 2). -> the parsed KLConfig."""
     kl = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
-                 max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), temperature=(0, 0),
-                 lr=(0, 0))                               # name -> (bound, 1: value >= bound, 0: value > bound)
+                 max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
+                 temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
+                 save_every=(0, 1), rollout_batch_size=(0, 1))   # name -> (bound, 1: value >= bound, 0: > bound)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
-        if not (v >= bound if inclusive else v > bound):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {bound}, got {v}")
+        if not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite and {'>=' if inclusive else '>'} {bound}, "
+                             f"got {v}")
+    if not cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout is a probability < 1, got {cfg.lora_dropout}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
     if not (cfg.max_grad_norm >= 0 and (cfg.token_budget is None or cfg.token_budget > 0)):
@@ -189,7 +229,8 @@ def check_config(cfg):
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
     if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
         raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
-    if not cfg.resume and cfg.out and os.path.isdir(os.path.join(cfg.out, "checkpoint")):
+    states = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # a crash can leave any of them
+    if not cfg.resume and cfg.out and any(os.path.exists(os.path.join(cfg.out, n)) for n in states):
         raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
     return kl
 
@@ -274,19 +315,30 @@ def checkpoint_dir(run):
     return final if os.path.isfile(os.path.join(final, "state.pt")) else os.path.join(run, "checkpoint.old")
 
 
+def read_state(run):
+    """state.pt of the run's last checkpoint. weights_only: a run folder is data, never code to execute."""
+    path = os.path.join(checkpoint_dir(run), "state.pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
+                         f"({str(e).strip().splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is unreadable or truncated ({str(e).strip().splitlines()[0][:120]})") from None
+
+
 def last_checkpoint(out):
-    path = os.path.join(checkpoint_dir(out), "state.pt")
-    if not os.path.isfile(path):
+    try:
+        return f"last good checkpoint: {checkpoint_dir(out)} (step {read_state(out)['step']})"
+    except ValueError:
         return "no checkpoint was written yet (see --save-every)"
-    return f"last good checkpoint: {os.path.dirname(path)} (step {torch.load(path, weights_only=False)['step']})"
 
 
-def restore(ckpt, optimizer, snapshots, metrics_path):
+def restore(state, optimizer, snapshots, metrics_path):
     """Load state.pt into the optimizer, the async snapshots and the RNGs; -> the step to continue from."""
-    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     snapshots.extend(state["snapshots"])
-    random.setstate(state["rng"]["python"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["rng"]["python"]))
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -297,19 +349,29 @@ def restore(ckpt, optimizer, snapshots, metrics_path):
     return state["step"]
 
 
-def start_run(cfg):
-    """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's)."""
+def start_run(cfg, argv):
+    """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's).
+    Everything that can fail on bad input (the checkpoint, the model files, the run folder) is tried before the
+    run folder is written, so a failed start loses nothing."""
     from policy import load_policy
+    if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        torch.set_num_threads(cfg.threads)
+    state = read_state(cfg.resume) if cfg.resume else None
+    torch.manual_seed(cfg.seed)                              # LoRA initialisation
+    try:
+        model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                 lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
+                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None)
+    except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
+        raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
     os.makedirs(out, exist_ok=True)
     json.dump(asdict(cfg), open(os.path.join(out, "config.json"), "w"), indent=2)
-    if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)                              # LoRA initialisation
-    ckpt = checkpoint_dir(cfg.resume) if cfg.resume else None
-    model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                             lora_dropout=cfg.lora_dropout, gradient_checkpointing=cfg.gradient_checkpointing,
-                             device=cfg.device, adapter=ckpt)
+    if state:                                                # every resume is on record, with the flags it had
+        with open(os.path.join(out, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
+                                "argv": list(sys.argv[1:] if argv is None else argv)}) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -318,8 +380,8 @@ def start_run(cfg):
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     snapshots = deque(maxlen=cfg.async_level + 1)           # adapters at the start of the last N+1 steps
     metrics_path = os.path.join(out, "metrics.jsonl")
-    start = restore(ckpt, optimizer, snapshots, metrics_path) if ckpt else 0
-    log = open(metrics_path, "a" if ckpt else "w")          # a fresh run never appends to an old file
+    start = restore(state, optimizer, snapshots, metrics_path) if state else 0
+    log = open(metrics_path, "a" if state else "w")         # a fresh run never appends to an old file
     return out, model, tok, params, optimizer, snapshots, log, start
 
 
@@ -342,13 +404,17 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         kl = check_config(cfg)
+        if cfg.export:                                       # a command for another engine, no training
+            from export import export
+            print(export(cfg, cfg.export).rstrip("\n"))
+            return 0
         train_set, held_out = load_data(cfg)
-    except (ValueError, OSError) as e:                      # TaskError is a ValueError
+        if cfg.preset:
+            print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
+        out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
+    except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(str(e).strip().splitlines()[0])
-    if cfg.preset:
-        print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
     from policy import adapter_snapshot, rollout, swapped_adapter, token_kl_stats, token_logprobs
-    out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
@@ -425,6 +491,9 @@ def main(argv=None):
                "tokens_per_s": (attn.sum().item()) / (t3 - t0), "peak_mem_gb": peak_memory_gb()}
         write(rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
+        if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:   # a log file or a scheduler: no bar
+            print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "
+                  f"{rec['time_step']:.2f} s/step", file=sys.stderr, flush=True)
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save_checkpoint(out, model, optimizer, step + 1, snapshots)
     pbar.close()
@@ -441,7 +510,9 @@ def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
                                                 cfg.group_size, cfg.beta, kl, cfg.adv)
     _, loss_metrics = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, kl, behav_logp, cfg.ratio_clip,
                                   token_budget=cfg.token_budget)
-    return {**adv_metrics, "accuracy": (rewards > 0.5).float().mean().item(),
+    # for an in-reward KL, kl_term is 0 by design: the penalty β·Σk it subtracts from the reward is logged beside it
+    return {**adv_metrics, "kl_penalty": adv_metrics["reward"] - adv_metrics["shaped_reward"],
+            "accuracy": (rewards > 0.5).float().mean().item(),
             **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **loss_metrics,
             "loss": loss_metrics["pg_term"] + loss_metrics["kl_term"], "completion_len": mask.sum(1).mean().item()}
 
@@ -450,37 +521,49 @@ def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
 # Summary table and curves
 # ---------------------------------------------------------------------------------------------------------
 def report(out):
-    """Markdown summary on stdout and the main curves in metrics.png, both from metrics.jsonl."""
+    """Markdown summary on stdout and the main curves in metrics.png, both from metrics.jsonl.
+
+    Single steps are noisy: the summary gives the first step next to the mean over the last 10% of steps (the
+    README's tables use the same), and the plot draws a moving average over the raw curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    cfg = json.load(open(os.path.join(out, "config.json")))
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train = [r for r in recs if r["type"] == "train"]
     evals = {}                                               # "task greedy_acc" -> [(step, value), ...]
     for r in (r for r in recs if r["type"] == "eval"):
         for key in (k for k in r if k.endswith("_acc")):
             evals.setdefault(f"{r['task']} {key}", []).append((r["step"], r[key]))
-    lines = ["| metric | first | last |", "|---|---|---|"]
-    lines += [f"| held-out {name} (step {v[0][0]} -> {v[-1][0]}) | {v[0][1]:.3f} | {v[-1][1]:.3f} |"
+    tail = train[-max(1, len(train) // 10):]
+    lines = [f"| metric | first step | mean of the last {len(tail)} steps |", "|---|---|---|"]
+    lines += [f"| held-out {name} (step {v[0][0]} -> {v[-1][0]}) | {v[0][1]:.3f} | {v[-1][1]:.3f} (final) |"
               for name, v in evals.items()]
     panels = [("train reward", ["reward"]), ("sequence KL estimates", ["kl_k1", "kl_k3"]),
               ("exact token KL", ["token_rkl", "token_fkl"]), ("policy entropy", ["entropy"]),
-              ("completion length", ["completion_len"]), ("loss terms", ["pg_term", "kl_term"]),
-              ("grad norm", ["grad_norm"])]
+              ("completion length", ["completion_len"]),
+              ("KL in the loss / in the reward", ["kl_term", "kl_penalty"]), ("grad norm", ["grad_norm"])]
     if train:
-        lines += [f"| train {k} | {train[0][k]:.4f} | {train[-1][k]:.4f} |" for _, keys in panels for k in keys]
-        lines.append(f"| seconds per step (mean) | {sum(r['time_step'] for r in train) / len(train):.2f} | |")
+        lines += [f"| train {k} | {train[0][k]:.4f} | {sum(r[k] for r in tail) / len(tail):.4f} |"
+                  for _, keys in panels for k in keys]
+        lines.append(f"| seconds per step (mean) | | {sum(r['time_step'] for r in train) / len(train):.2f} |")
     print("\n".join(lines))
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    steps, w = [r["step"] for r in train], max(1, len(train) // 20)
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
-            ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+            raw = [r[key] for r in train]
+            smooth = [sum(raw[max(0, i - w + 1):i + 1]) / len(raw[max(0, i - w + 1):i + 1]) for i in range(len(raw))]
+            line, = ax.plot(steps, raw, alpha=0.3, lw=0.8)
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of {w})" if w > 1 else key)
         ax.set(title=title, xlabel="step")
         ax.legend(fontsize=8)
     for name, v in evals.items():
         axes.flat[-1].plot(*zip(*v), marker="o", label=name)
     axes.flat[-1].set(title="held-out accuracy", xlabel="step")
     axes.flat[-1].legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(out))}: --kl {cfg['kl']}, β = {cfg['beta']}, lr = {cfg['lr']}, "
+                 f"--adv {cfg['adv']}, G = {cfg['group_size']}")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "metrics.png"), dpi=80)
     plt.close(fig)

@@ -201,3 +201,18 @@ def test_toy_cli_rejects_bad_sizes():
     r = subprocess.run([sys.executable, "toy.py", "--V", "1"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and "V >= 2" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k3_far_tail_keeps_growing_with_the_right_gradient_sign(dtype):
+    # below the threshold (δ < −20) k3 follows its tangent: an in-loss k3 must still pull π_θ back toward π_ref,
+    # i.e. dk3/dδ < 0 wherever π_θ puts less mass than π_ref, and > 0 where it puts more
+    delta = torch.linspace(-1000, 1000, 4001, dtype=torch.float64).to(dtype).requires_grad_()
+    v = k3(delta)
+    (g,) = torch.autograd.grad(v.sum(), delta)
+    assert torch.isfinite(v).all() and torch.isfinite(g).all() and (v >= 0).all()
+    neg, pos = delta.detach() < -1e-2, delta.detach() > 1e-2
+    assert (g[neg] < 0).all() and (g[pos] > 0).all()
+    assert (v[neg][1:] <= v[neg][:-1]).all()                           # non-increasing as δ grows toward 0
+    tail = delta.detach() < -20
+    assert (g[tail] < -1e8).all()                                       # the slope at the threshold, 1 − e^{20}

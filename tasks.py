@@ -33,12 +33,15 @@ completion's last \\boxed{}. For mmlu: question, choices as "A. ..." lines, and 
 For the train split of a data set the rows are shuffled with `seed`; test keeps file order. `n` keeps the first n.
 A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
 
-Rewards (1.0 or 0.0; the completion is decoded text; it is only parsed, never executed):
-  arith, arith_ood  the last integer (-?\\d+) in the completion equals the answer.
+Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
+  arith, arith_ood  the last integer (-?[0-9]+) in the completion equals the answer.
   countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
-             exactly (Fractions) to the target.
+             exactly (Fractions) to the target. Whitespace and line breaks in it are free; at most CD_MAX_CHARS = 1000
+             other characters.
   math, math500  math-verify finds the completion's last \\boxed{...} equal to the answer; it runs in a child process
-             that is killed after GRADE_TIMEOUT s, so no answer can hang a run. No \\boxed{} scores 0.
+             that is killed after GRADE_TIMEOUT s (so no answer can hang a run) and dies with its parent. No \\boxed{}
+             scores 0. Verdicts are cached per (answer, prediction): a slow pair costs the timeout once. An answer that
+             math-verify cannot parse, or not compare with 0 within the timeout, is matched as exact text instead.
   mmlu_*     the letter from mmlu_letter(): \\boxed{B}, then "Answer: B", then a line that is just "B", then "(B)".
 """
 import ast
@@ -79,6 +82,7 @@ MMLU_INSTRUCTION = ("\n\nChoose the correct option. End your response with a lin
                     "\"Answer: X\", where X is A, B, C or D.")
 N_TEST, N_TRAIN = 500, 10_000
 CD_MAX_NUMBER, CD_MAX_TARGET = 30, 200
+CD_MAX_CHARS = 1000  # non-whitespace characters of a countdown expression; a real one has ~20: "(12 + 3) * (30 - 4)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,7 +241,8 @@ def reward(name, completion, example):
     if not isinstance(completion, str):
         return 0.0
     if name in ("arith", "arith_ood"):
-        ints = re.findall(r"-?\d+", completion)  # the last integer, so "12+5=17" or "The sum is 17." both count
+        # the last integer ("12+5=17", "The sum is 17."); [0-9], as \d also matches "١٧", which int() reads as 17
+        ints = re.findall(r"-?[0-9]+", completion)
         return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))
     if name == "countdown":
         return float(countdown_value(_countdown_expr(completion), example["numbers"]) == example["target"])
@@ -247,9 +252,13 @@ def reward(name, completion, example):
 
 
 def _countdown_expr(completion):
-    tags = re.findall(r"<answer>(.*?)</answer>", completion, flags=re.S)
-    lines = [line for line in completion.splitlines() if line.strip()]
-    expr = tags[-1] if tags else (lines[-1] if lines else "")
+    # the last <answer>...</answer> by rfind: "<answer>(.*?)</answer>" rescans the text from every unclosed tag
+    end = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, max(end, 0))
+    if start >= 0:
+        expr = completion[start + len("<answer>"):end]
+    else:  # the last non-empty line
+        expr = next((line for line in reversed(completion.splitlines()) if line.strip()), "")
     expr = expr.split("=")[0]  # "(3 + 5) * 2 = 16": only the left side is graded
     return expr.replace("×", "*").replace("÷", "/").replace("−", "-").strip().rstrip(".").strip()
 
@@ -259,9 +268,15 @@ def countdown_value(expr, numbers):
 
     Allowed: int literals, + - * / and parentheses; no unary minus (a number must be used as given), no **, //, names
     or calls. The text is checked with a character whitelist, parsed with ast (parsing runs nothing) and the tree is
-    evaluated here with Fractions, so the result is exact and nothing in the text is ever executed.
+    evaluated here with Fractions, so the result is exact and nothing in the text is ever executed. Whitespace is
+    free; at most CD_MAX_CHARS other characters.
     """
-    if not expr or len(expr) > 200 or not re.fullmatch(r"[\d\s+\-*/()]+", expr):
+    if not expr or not re.fullmatch(r"[0-9\s+\-*/()]+", expr, flags=re.ASCII):  # ASCII: no "٣" or "３"
+        return None
+    # Bounds before ast sees it: one int literal per number keeps the tree at <= 2*len(numbers)-1 nodes (no 50k-deep
+    # "1+1+...+1"), CD_MAX_CHARS bounds the parentheses (the parser itself rejects nesting deeper than 200).
+    expr = " ".join(expr.split())  # a multi-line or padded answer is still one expression; "1 2" stays an error
+    if len(expr.replace(" ", "")) > CD_MAX_CHARS or len(re.findall(r"[0-9]+", expr)) != len(numbers):
         return None
     try:
         tree = ast.parse(expr, mode="eval").body
@@ -315,52 +330,88 @@ def last_boxed(text):
 # math-verify's own timeouts use signal.alarm, which fails outside the main thread and cannot interrupt C code anyway.
 # Inside the child: parse/verify with timeouts off (as recommended for threads), the LaTeX extractor only for model
 # text (the plain-expression extractor calls sympy's parse_expr, i.e. eval), and a 4 GiB memory cap.
+# The child dies with its parent (killed train.py: no orphan at 100% CPU): Linux's parent-death signal stops it even
+# inside C code; elsewhere a CPU-time limit of the request's timeout (+2 s) does, and an idle child exits on stdin EOF.
 GRADE_TIMEOUT = 10.0
+CACHE_SIZE = 100_000  # remembered verdicts; the oldest is dropped first
 _GRADER_CODE = r"""
-import json, logging, resource, sys
+import ctypes, json, logging, resource, sys, time
+try:  # die with the parent: PR_SET_PDEATHSIG (1) = SIGKILL (9); Linux only, elsewhere the CPU limit below
+    ctypes.CDLL(None).prctl(1, 9)
+except (AttributeError, OSError):
+    pass
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU dumps core by default: no core file in the cwd
 logging.disable(logging.WARNING)
 out, sys.stdout = sys.stdout, sys.stderr  # a stray print in a library must not be taken for a verdict
 from math_verify import LatexExtractionConfig, parse, verify
-golds = {}
+golds, zero, cpu_hard = {}, parse("$0$"), resource.getrlimit(resource.RLIMIT_CPU)[1]
 print("ready", file=out, flush=True)
 for line in sys.stdin:
-    gold, pred = json.loads(line)
+    gold, pred, timeout = json.loads(line)
+    soft = int(time.process_time() + timeout) + 2  # SIGXCPU kills us after this much more CPU time
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if cpu_hard < 0 else min(soft, cpu_hard), cpu_hard))
     try:
         if gold not in golds:
             golds[gold] = parse("$" + gold + "$", parsing_timeout=None)
-        got = parse("\\boxed{" + pred + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
-        ok = bool(got) and verify(golds[gold], got, timeout_seconds=None)
+        if pred is None:  # a new gold: it must parse, and compare with a plain number in time
+            ok = bool(golds[gold]) and verify(golds[gold], zero, timeout_seconds=None) in (True, False)
+        else:
+            got = parse("\\boxed{" + pred + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+            ok = bool(got) and verify(golds[gold], got, timeout_seconds=None)
     except Exception:
         ok = False
     print(int(bool(ok)), file=out, flush=True)
 """
 _grader = {"proc": None}
 _grader_lock = threading.Lock()
+_cache = {}  # (gold, prediction) -> reward; (gold, None) -> whether math-verify handles the gold in time
 
 
 def _math_reward(completion, answer):
-    pred = last_boxed(completion)
+    pred, gold = last_boxed(completion), str(answer)
     if not pred or len(pred) > 1000:
         return 0.0
     with _grader_lock:  # one request at a time: callers may grade from several threads
-        proc = _grader["proc"] = _grader["proc"] or _start_grader()
+        # The cache makes a slow answer cost GRADE_TIMEOUT once, not every time it is graded: a (gold, prediction)
+        # pair, and a gold that math-verify cannot parse, or not compare with 0 in time (then graded by exact text).
+        if (gold, None) not in _cache:
+            _cache[gold, None] = _ask(gold, None) == 1.0
+        if (gold, pred) not in _cache:
+            _cache[gold, pred] = (_ask(gold, pred) if _cache[gold, None] else
+                                  float("".join(pred.split()) == "".join(gold.split())))
+        while len(_cache) > CACHE_SIZE:
+            del _cache[next(iter(_cache))]  # dicts keep insertion order: the oldest entry
+        return _cache[gold, pred]
+
+
+def _ask(gold, pred):
+    """The grader's verdict (1.0 or 0.0); 0.0 after GRADE_TIMEOUT s, and the grader is restarted for the next call."""
+    for _ in range(2):
+        proc = _grader["proc"]
+        if proc is None or proc.poll() is not None:
+            _stop_grader()
+            proc = _grader["proc"] = _start_grader()
         try:
-            proc.stdin.write(json.dumps([str(answer), pred]) + "\n")
+            proc.stdin.write(json.dumps([gold, pred, GRADE_TIMEOUT]) + "\n")
             proc.stdin.flush()
             verdict = _reply(proc, GRADE_TIMEOUT)
-        except OSError:  # the child died (e.g. out of memory)
+        except OSError:  # it died before reading the request
             verdict = ""
         if verdict:
             return float(verdict.strip() == "1")
-        _stop_grader()  # too slow or dead: a fresh grader next time
-        return 0.0
+        _stop_grader()
+        if verdict is None:  # too slow
+            return 0.0
+        # It died. The parent-death signal also fires when the *thread* that started the grader exits (prctl(2)), so
+        # a grader started by a finished worker thread is gone: one more try with a fresh one (else out of memory).
+    return 0.0
 
 
 def _start_grader():
     proc = subprocess.Popen([sys.executable, "-c", _GRADER_CODE], text=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    if _reply(proc, 120.0).strip() != "ready":  # it imports sympy: a few seconds, more on a cold disk
+    if (_reply(proc, 120.0) or "").strip() != "ready":  # it imports sympy: a few seconds, more on a cold disk
         proc.kill()
         proc.communicate()
         raise RuntimeError("the math reward's grader process did not start (pip install math-verify?)")
@@ -376,14 +427,17 @@ def _stop_grader():
 
 
 def _reply(proc, timeout):
-    """One line from the grader, or "" if none came within timeout seconds."""
+    """One line from the grader: "" if it died (end of file), None if nothing came within timeout seconds."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else ""
+    return proc.stdout.readline() if ready else None
 
 
 def mmlu_letter(text):
     """The answer letter A-D of a multiple-choice completion, or None. Most explicit form wins, then the last one:
     \\boxed{B}, then "answer: B" / "answer is (B)", then a line that is only the letter, then "(B)"."""
+    # Squeeze each whitespace run to one character (a newline if it holds one), keeping lines: the patterns' \s* runs
+    # then cannot try the many splits of one long run (quadratic or worse: "answer" + 500 spaces took a minute).
+    text = re.sub(r"\s*\n\s*", "\n", re.sub(r"[^\S\n]+", " ", text))
     for pattern in (r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-D])\)?\s*\}",
                     r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*[*_]*\s*\(?([A-D])\b",
                     r"(?m)^\s*[*_]*\(?([A-D])\)?[*_]*[.:)]?\s*$",

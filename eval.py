@@ -2,17 +2,25 @@
 
 What it implements
   For every task (problems and graders come from tasks.py: load_task(name, "test"), reward) it generates, per
-  problem, one greedy completion and n samples at temperature T, from the base model or from base + a saved LoRA
-  adapter, with the same chat template either way (tasks.build_prompt). Per task it reports
+  problem, one greedy completion and n samples (--samples, default 8 as in the README's tables) at temperature T,
+  from the base model or from base + a saved LoRA adapter, with the same chat template either way
+  (tasks.build_prompt). Per task it reports
     greedy acc       fraction of problems whose greedy completion is correct (the low-noise number the paper's
                      reviewers asked for, next to T=1 pass@1)
     pass@k           unbiased estimator (Chen et al. 2021) for every k <= n: per problem 1 - C(n-c, k)/C(n, k),
                      with c the correct samples, averaged over problems; pass@1 is the mean sample accuracy
-    95% CI           percentile bootstrap over problems (resample problems with replacement, B=1000, seeded)
+    95% CI           percentile bootstrap over problems (resample problems with replacement, 1000 times, seeded)
     len, trunc       mean completion length in tokens (EOS included) and the fraction that hit --max-new-tokens
   --compare puts result files side by side and gives, for each file against the first, B - A with a *paired*
   bootstrap: one resampling of problem indices shared by both files, i.e. a bootstrap of the per-problem
   differences. It is much tighter than two overlapping independent CIs, because problem difficulty cancels.
+
+Tables
+  Columns are letters: A is the first file (or the only model), B, C, ... the others; a legend above the tables names
+  each (run, file, model, adapter, n, T), and "B − A" is the paired difference. A * marks a difference whose 95% CI
+  excludes 0 and whose size is at least MIN_DIFF = 0.01 (1 token for lengths): with many problems a negligible
+  difference can exclude 0 too. A line under the tables says so. A task on which every model scores 0.000 on greedy
+  acc and every pass@k gets a note: it is out of reach for these models, and its zero differences mean nothing.
 
 Simplifications
   - HF generate only (policy.rollout), true sampling: no top-k/top-p, so T=1 samples are the trained policy.
@@ -48,7 +56,11 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # p
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "assets", "tiny-arith")
-DEMO = ["--tasks", "arith,arith_ood", "--samples", "4", "--max-new-tokens", "12", "--batch-size", "100"]
+SAMPLES = 8   # n samples per problem by default: the README's tables use n = 8 at T = 1
+DEMO = ["--tasks", "arith,arith_ood", "--samples", str(SAMPLES), "--max-new-tokens", "12", "--batch-size", "100"]
+# A * on a difference needs its paired 95% CI to exclude 0 *and* a size that matters: with many problems the CI of a
+# negligible difference (0.2 points on 5,000 problems) can exclude 0 too.
+MIN_DIFF, MIN_DIFF_LEN = 0.01, 1.0   # accuracy, pass@k and truncation rates; mean lengths (tokens)
 
 
 def die(msg):
@@ -271,11 +283,14 @@ def fmt(s, acc, sign=""):
 
 
 def table(results, n_boot=1000, seed=0):
-    """Markdown: per task one row per metric, one column per file, then B - A vs the first file (paired)."""
+    """Markdown: per task one row per metric, one column per file, then B - A vs the first file (paired).
+    Columns are letters A, B, ... (long run paths make unreadable headers); the legend above the tables names them."""
     labs = labels(results)
-    lines = [f"- {lab}: {r['path']}  (model {r['config'].get('model')}, adapter {r['config'].get('adapter')}, "
-             f"n={r['config'].get('samples')}, T={r['config'].get('temperature')})" for lab, r in zip(labs, results)]
-    head = ["metric"] + labs + [f"{lab} − {labs[0]}" for lab in labs[1:]]
+    let = [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(len(results))]
+    lines = [f"- {x} = {lab}: {r['path']}  (model {r['config'].get('model')}, adapter {r['config'].get('adapter')}, "
+             f"n={r['config'].get('samples')}, T={r['config'].get('temperature')})"
+             for x, lab, r in zip(let, labs, results)]
+    head = ["metric"] + let + [f"{x} − {let[0]}" for x in let[1:]]
     key = lambda p: (str(p["id"]), p["question"])   # noqa: E731
     for task in results[0]["tasks"]:
         if any(task not in r["tasks"] for r in results):
@@ -301,12 +316,24 @@ def table(results, n_boot=1000, seed=0):
         for m in names:
             acc = "len" not in m
             cells = [fmt(s[m], acc) for s in summ]
-            cells += [fmt(d[m], acc, "+") + (" *" if d[m]["lo"] > 0 or d[m]["hi"] < 0 else "") for d in diff]
+            cells += [fmt(d[m], acc, "+") + (" *" if star(d[m], acc) else "") for d in diff]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean [95% bootstrap CI over problems, B={n_boot}]" + (
-        "; * = the paired-bootstrap CI of the difference (same problems resampled jointly) excludes 0"
-        if len(results) > 1 else ""))
+        if all(round(s[m]["mean"], 3) == 0 for s in summ for m in names if m == "greedy acc" or "pass@" in m):
+            who = (f"{let[0]} scores" if len(let) == 1 else f"{let[0]} and {let[1]} both score" if len(let) == 2
+                   else f"{', '.join(let[:-1])} and {let[-1]} all score")
+            lines.append(f"\nNote: {task}: {who} 0.000 on greedy acc and every pass@k -- the task is out of reach for "
+                         f"{'this model' if len(let) == 1 else 'these models'} (its differences mean nothing).")
+    lines.append(f"\nmean [95% bootstrap CI over problems, {n_boot} resamples]")
+    if len(results) > 1:
+        lines.append(f"* = the paired-bootstrap 95% CI of the difference (same problems resampled jointly) excludes 0 "
+                     f"and |difference| >= {MIN_DIFF} ({MIN_DIFF_LEN:g} token for lengths); no * = not shown to matter")
     return "\n".join(lines)
+
+
+def star(d, acc):
+    """A difference worth a *: its CI excludes 0 and its size (as printed) reaches MIN_DIFF (MIN_DIFF_LEN tokens)."""
+    size = round(abs(d["mean"]), 3 if acc else 2)   # as printed: a "+0.010" is flagged, a hidden 0.0098 is not
+    return (d["lo"] > 0 or d["hi"] < 0) and size >= (MIN_DIFF if acc else MIN_DIFF_LEN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,7 +344,8 @@ def parse_args(argv):
     p.add_argument("--model", help="hub id or local folder (default: the run's model, else assets/tiny-arith)")
     p.add_argument("--adapter", help="run folder (uses RUN/checkpoint) or peft adapter folder")
     p.add_argument("--tasks", default="arith,arith_ood", help="comma-separated names from tasks.TASKS")
-    p.add_argument("--samples", type=int, default=4, help="n samples per problem for pass@k (0 = greedy only)")
+    p.add_argument("--samples", type=int, default=SAMPLES,
+                   help=f"n samples per problem for pass@k (0 = greedy only; default {SAMPLES}, as in the README)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the n samples")
     p.add_argument("--limit", type=int, default=None, help="first L test problems per task")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
@@ -326,7 +354,7 @@ def parse_args(argv):
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style NF4 base weights (bitsandbytes)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                    help="local .jsonl/.parquet for a data-set task (offline machines), e.g. math500=m500.jsonl")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples B")
+    p.add_argument("--bootstrap", type=int, default=1000, help="number of bootstrap resamples")
     p.add_argument("--out", help="result JSON (default: next to the adapter, or eval-results/)")
     p.add_argument("--compare", nargs="+", metavar="FILE_OR_RUN", help="compare result files / run folders")
     return p.parse_args(argv)

@@ -85,9 +85,9 @@ def test_paired_bootstrap_detects_real_difference_not_null():
 # ---------------------------------------------------------------------------------------------------------
 # Tables and --compare on synthetic result files (no model needed)
 # ---------------------------------------------------------------------------------------------------------
-def _result(path, greedy, samples, model="m", adapter=None):
+def _result(path, greedy, samples, model="m", adapter=None, task="arith"):
     res = {"config": {"model": model, "adapter": adapter, "samples": len(samples[0]), "temperature": 1.0},
-           "tasks": {"arith": {"problems": _records(greedy, samples)}}}
+           "tasks": {task: {"problems": _records(greedy, samples)}}}
     with open(path, "w") as f:
         json.dump(res, f)
     return str(path)
@@ -104,8 +104,62 @@ def test_compare_synthetic(tmp_path, capsys):
     ev.main(["--compare", fa, str(run)])                                 # a run folder -> its latest eval json
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "| greedy acc |" in line)
-    assert "better − a" in out and row.rstrip(" |").endswith("*"), out   # the real difference is flagged
+    assert row.rstrip(" |").endswith("*"), out                           # the real difference is flagged
     assert "pass@4" in out and "pass@3" not in out                       # powers of two and n in the table
+
+
+def test_table_letter_columns_legend_and_footnote(tmp_path, capsys):
+    """Short column headers (A, B, B − A), a legend naming each, and one line saying what * means."""
+    rng = np.random.default_rng(0)
+    a = rng.random(100) < 0.3
+    run = tmp_path / "runs" / "20250101-000000-arith-k1-in-reward-with-a-long-name"
+    (run / "checkpoint").mkdir(parents=True)
+    fa = _result(tmp_path / "a.json", a, [[x] * 4 for x in a], model="base")
+    _result(run / "eval-arith.json", a, [[x] * 4 for x in a], adapter=str(run / "checkpoint"))
+    ev.main(["--compare", fa, str(run), "--bootstrap", "200"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| metric | A | B | B − A |" in lines, lines
+    assert any(line.startswith(f"- A = base: {fa}") for line in lines), lines
+    assert any(line.startswith(f"- B = {run.name}: ") for line in lines), lines
+    star = [line for line in lines if line.startswith("* = ")]
+    assert len(star) == 1 and "excludes 0" in star[0] and f">= {ev.MIN_DIFF}" in star[0], lines
+
+
+def test_star_needs_a_difference_that_matters(tmp_path, capsys):
+    """B fixes 10 of 2,000 problems (+0.005): the paired CI excludes 0, but the difference is below MIN_DIFF (0.01),
+    so no *. Fixing 100 (+0.05) gets one."""
+    a = np.zeros(2000, bool)
+    rows = {}
+    for fixed in (10, 100):
+        b = a.copy()
+        b[:fixed] = True
+        fa = _result(tmp_path / "a.json", a, [[x] * 2 for x in a])
+        fb = _result(tmp_path / f"b{fixed}.json", b, [[x] * 2 for x in b])
+        ev.main(["--compare", fa, fb, "--bootstrap", "200"])
+        rows[fixed] = next(line for line in capsys.readouterr().out.splitlines() if "| greedy acc |" in line)
+    small = rows[10].split("|")[-2].strip()
+    assert small.startswith("+0.005 [+0.00") and not small.endswith("*"), rows[10]   # CI lo > 0, yet no *
+    assert rows[100].rstrip(" |").endswith("*"), rows[100]
+
+
+def test_note_when_every_model_scores_zero(tmp_path, capsys):
+    zero = [0] * 50
+    fa = _result(tmp_path / "a.json", zero, [[0] * 4] * 50, task="arith_ood")
+    fb = _result(tmp_path / "b.json", zero, [[0] * 4] * 50, task="arith_ood")
+    ev.main(["--compare", fa, fb, "--bootstrap", "200"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note: ")]
+    assert notes == ["Note: arith_ood: A and B both score 0.000 on greedy acc and every pass@k -- the task is out of "
+                     "reach for these models (its differences mean nothing)."], notes
+    fc = _result(tmp_path / "c.json", zero, [[0] * 4] * 49 + [[0, 0, 0, 1]], task="arith_ood")   # one sample right
+    ev.main(["--compare", fa, fc, "--bootstrap", "200"])
+    assert "Note: " not in capsys.readouterr().out
+
+
+def test_default_samples_match_the_readme():
+    """The README's tables use n = 8 samples at T = 1; so do `python eval.py` and its demo."""
+    args = ev.parse_args([])
+    assert args.samples == 8 and args.temperature == 1.0
+    assert ev.DEMO[ev.DEMO.index("--samples") + 1] == "8"
 
 
 def test_compare_rejects_different_problem_sets(tmp_path, capsys):
@@ -200,7 +254,9 @@ def test_cli_no_arguments_offline_demo(zero_run, tmp_path):
                        text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert time.time() - t0 < 60
-    assert "zero − tiny-arith" in p.stdout and "### arith_ood (500 problems)" in p.stdout, p.stdout
+    assert "### arith_ood (500 problems)" in p.stdout and "| metric | A | B | B − A |" in p.stdout, p.stdout
+    assert "- A = tiny-arith: " in p.stdout and "- B = zero: " in p.stdout, p.stdout
+    assert "Note: arith_ood: A and B both score 0.000" in p.stdout, p.stdout      # the tiny model cannot add 3 digits
     assert os.path.isfile(tmp_path / "eval-results" / "tiny-arith-arith+arith_ood.json")
 
 

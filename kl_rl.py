@@ -12,15 +12,18 @@ configuration's expected gradient equals is the table at the top of estimators.p
   shaped_advantages   task rewards + the detached in-reward KL -> RLOO / Dr. GRPO / GRPO advantages
   importance_ratio    ρ_t = π_θ/μ per token, kept in the graph (on-policy μ = sg(π_θ): ρ ≡ 1 but ∇ρ = ∇log π)
   policy_loss         −Σ clip(ρ)·A + β·Σ w·k, summed over tokens and divided by a constant
+  prefix_weight_metrics  mean / max / ESS of the prefix weights W_{1:t} = Π ρ (logged when --kl-is prefix)
   rl_loss             both in one call;  seq_kl_values: the three sequence estimates, for logging
 
 Imports only torch and estimators, so toy.py and the notebooks use exactly the trainer's loss without
 transformers or peft. Simplifications: no PPO clipping (one update per batch, as in the paper's RLOO runs);
 off-policy the ratio is clamped, as in the paper's async code.
 """
+import math
+
 import torch
 
-from estimators import ESTIMATORS, kl_loss_term, kl_reward_penalty, parse_kl, token_kl
+from estimators import ESTIMATORS, kl_loss_term, kl_reward_penalty, log_prefix_weights, parse_kl, token_kl
 
 # ---------------------------------------------------------------------------------------------------------
 # Advantages: task rewards + KL configuration -> one baseline per sequence, from its group
@@ -79,8 +82,12 @@ def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl, adv="
 def importance_ratio(logp, behav_logp=None):
     """ρ_t = π_θ(y_t|s_t) / μ(y_t|s_t): (n, T), in the graph. μ = the behaviour policy that sampled y
     (--async-level), or sg(π_θ) on-policy, where ρ ≡ 1 in value but ∇ρ = ∇log π still flows."""
-    mu_logp = logp.detach() if behav_logp is None else behav_logp
-    return torch.exp(logp - mu_logp)
+    return torch.exp(log_importance_ratio(logp, behav_logp))
+
+
+def log_importance_ratio(logp, behav_logp=None):
+    """log ρ_t = log π_θ − log μ: (n, T), in the graph (0 in value on-policy, gradient ∇log π)."""
+    return logp - (logp.detach() if behav_logp is None else behav_logp)
 
 
 def policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp=None, ratio_clip=(0.0, 8.0), n_seqs=None,
@@ -96,13 +103,14 @@ def policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp=None, rat
     | behav_logp | (n, T) | log μ(y_t|s_t) of the policy that sampled y; None = on-policy   |
     kl: an estimators.KLConfig. n_seqs: sequences in the WHOLE batch, so micro-batch losses add up to its loss.
     """
-    rho = importance_ratio(logp, behav_logp)                                 # (n, T) ρ_t
+    log_rho = log_importance_ratio(logp, behav_logp)                         # (n, T) log ρ_t
+    rho = log_rho.exp()                                                      # (n, T) ρ_t
     clipped = rho.clamp(*ratio_clip) if ratio_clip is not None else rho      # (n, T)
     # ∇(−ρ·A) = −ρ·A·∇log π: for an in-reward KL, A carries −β·sg(Σ k), so this line is where the KL's
     # score-function term E[K̂·∇log π(y)] (paper Eq. 6) enters the gradient.
     pg = -(clipped * advantages * mask).sum()                                # Σ_i Σ_t −ρ·A
-    # the in-loss KL is differentiated: the pathwise term E[Σ_t ∇k_t] of Eq. 6 (weighted by ρ if kl.weight says so)
-    kl_sum = kl_loss_term(logp, ref_logp, mask, kl, rho).sum() if kl.in_loss else logp.new_zeros(())
+    # the in-loss KL is differentiated: the pathwise term E[Σ_t ∇k_t] of Eq. 6 (weighted by ρ or W if kl.weight says so)
+    kl_sum = kl_loss_term(logp, ref_logp, mask, kl, rho, log_rho).sum() if kl.in_loss else logp.new_zeros(())
     denom = (n_seqs or mask.shape[0]) * (token_budget or 1)
     pg_term, kl_term = pg / denom, beta * kl_sum / denom
     with torch.no_grad():
@@ -113,7 +121,25 @@ def policy_loss(logp, ref_logp, mask, advantages, beta, kl, behav_logp=None, rat
                    "ratio_min": r.min().item() if r.numel() else 1.0,
                    "clip_frac": ((r < ratio_clip[0]) | (r > ratio_clip[1])).float().mean().item()
                    if ratio_clip is not None and r.numel() else 0.0}
+        if kl.in_loss and kl.weight == "prefix":
+            metrics.update(prefix_weight_metrics(log_rho.detach(), mask, kl.is_clip))
     return pg_term + kl_term, metrics
+
+
+def prefix_weight_metrics(log_rho, mask, clip=math.inf):
+    """How usable the prefix weights W_{1:t} = Π_{u≤t} ρ_u are (unclipped values, float64 from log space):
+      prefix_weight_mean / _max   over completion tokens (E_μ[W] = 1; the max is what a clip c has to reach)
+      prefix_weight_ess           (Σ_i W_i)² / (n·Σ_i W_i²) of each sequence's final weight W_i = W_{1:|y_i|}:
+                                  1 on-policy, → 1/n when one sequence carries the whole batch
+      prefix_weight_clip_frac     fraction of completion tokens whose W exceeds the clip c
+    """
+    log_w = log_prefix_weights(log_rho.double(), mask)                       # (n, T)
+    w_tok, final = log_w[mask.bool()].exp(), log_w[:, -1]                    # (#tokens,), (n,) log W_{1:|y|}
+    if not w_tok.numel():
+        return {}
+    log_ess = 2 * final.logsumexp(0) - math.log(final.numel()) - (2 * final).logsumexp(0)
+    return {"prefix_weight_mean": w_tok.mean().item(), "prefix_weight_max": w_tok.max().item(),
+            "prefix_weight_ess": log_ess.exp().item(), "prefix_weight_clip_frac": (w_tok > clip).double().mean().item()}
 
 
 def rl_loss(logp, ref_logp, mask, rewards, group_size, beta, kl=parse_kl("k1-in-reward"), adv="rloo",

@@ -88,7 +88,10 @@ class Config:
     kl: str = arg("k1-in-reward", "KL estimator and placement", KL, choices=KL_CONFIGS)
     kl_level: str = arg("sequence", "in-reward KL: one sequence penalty or reward-to-go", KL, choices=LEVELS)
     beta: float = arg(0.05, "KL coefficient β", KL)
-    kl_is: str = arg("none", "off-policy weight on an in-loss KL (rho: RPG; sg_rho: with k2)", KL, choices=KL_IS)
+    kl_is: str = arg("none", "off-policy weight on an in-loss KL (rho: RPG, token level; sg_rho: with k2; prefix: "
+                     "sequence level, with k1/k3-in-loss)", KL, choices=KL_IS)
+    kl_is_clip: float = arg(None, "truncate the prefix weights at c (--kl-is prefix only; default: no truncation, "
+                            "unbiased)", KL, type=float)
     adv: str = arg("rloo", "advantage baseline", RL, choices=ADVANTAGES)
     group_size: int = arg(8, "G: completions per prompt", RL)
     prompts_per_step: int = arg(32, "prompts per step (batch = prompts × G sequences)", RL)
@@ -209,7 +212,7 @@ def resumed_config(given):
 
 def check_config(cfg):
     """Reject bad values before anything heavy runs (ValueError -> one line, exit 2). -> the parsed KLConfig."""
-    kl = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is)
+    kl = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is, is_clip=math.inf if cfg.kl_is_clip is None else cfg.kl_is_clip)
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),

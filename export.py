@@ -35,6 +35,9 @@ def parse_kl(kl):
 def _fix(engine, c, G):
     """One step towards an expressible configuration: (changes, how the gradient differs), or None."""
     est, place = parse_kl(c["kl"])
+    if c["kl_is"] == "prefix":                       # no engine weights k_s by the prefix product W_{1:s}
+        return dict(kl_is="rho"), ("the token-level reverse-KL gradient at μ's states instead of the sequence-level "
+                                   "one (no engine has prefix importance weights)")
     if engine != "verl" and place == "both":         # OpenRLHF's use_loss turns the in-reward KL off; TRL has no both
         if est == "k2":
             new = dict(kl="k2-in-loss") if engine == "openrlhf" else dict(kl="k3-in-loss", kl_is="rho")
@@ -91,7 +94,7 @@ def check(engine, cfg):
         c.update(step[0])
         hows.append(step[1])
     if hows:                                          # --kl, the flags that change, and any non-default context
-        keys = [k for k in FLAG if k == "kl" or c[k] != start[k] or start[k] in ("rho", "sg_rho", "token")]
+        keys = [k for k in FLAG if k == "kl" or c[k] != start[k] or start[k] in ("rho", "sg_rho", "prefix", "token")]
         given, nearest = (" ".join(f"{FLAG[k]} {d[k]}" for k in keys) for d in (start, c))
         raise ExportError(f"{NAME[engine]} cannot express {given}; nearest: {nearest}, {'; '.join(hows)}")
 

@@ -27,11 +27,12 @@ def valid(c):
     """train.py rejects a token level without a reward placement and an off-policy weight without a loss placement."""
     place = c.kl.partition("-in-")[2]
     return not (c.kl_level == "token" and place not in ("reward", "both")
-                or c.kl_is != "none" and place not in ("loss", "both"))
+                or c.kl_is != "none" and place not in ("loss", "both")
+                or c.kl_is == "prefix" and c.kl not in ("k1-in-loss", "k3-in-loss"))   # prefix: k1/k3 in the loss only
 
 
 GRID = [c for kl, level, adv, kl_is in itertools.product(KL_CONFIGS, ("sequence", "token"), ("rloo", "dr_grpo", "grpo"),
-                                                         ("none", "rho", "sg_rho"))
+                                                         ("none", "rho", "sg_rho", "prefix"))
         if valid(c := dataclasses.replace(BASE, kl=kl, kl_level=level, adv=adv, kl_is=kl_is))]
 
 
@@ -40,6 +41,8 @@ GRID = [c for kl, level, adv, kl_is in itertools.product(KL_CONFIGS, ("sequence"
 # ---------------------------------------------------------------------------------------------------------
 def expressible(engine, c):
     place = c.kl.partition("-in-")[2]
+    if c.kl_is == "prefix":                           # prefix importance weights: in none of the three
+        return False
     if engine == "verl":                              # no reward-to-go, no off-policy weights
         return c.kl_level == "sequence" and c.kl_is == "none"
     if engine == "openrlhf":                          # in-reward KL always reward-to-go; use_loss turns it off
@@ -186,7 +189,7 @@ def check_table(engine, c, text):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", export.ENGINES)
 def test_every_configuration_exports_or_names_the_nearest(engine):
-    assert len(GRID) == 10 * 3 + 6 * 3 + 6 * 3 * 2 + 3 * 3 * 2    # sequence, token, sequence + weight, token + weight
+    assert len(GRID) == 10 * 3 + 6 * 3 + 6 * 3 * 2 + 3 * 3 * 2 + 2 * 3   # sequence, token, + weight, prefix
     for c in GRID:
         if expressible(engine, c):
             text = export.export(c, engine)
@@ -221,7 +224,9 @@ def nearest_flags(msg):
     ("trl", ["--kl", "k1-in-reward", "--adv", "grpo"], {"--adv": "rloo"}),
     ("verl", ["--kl", "k3-in-loss", "--kl-is", "rho"], {"--kl": "k2-in-loss", "--kl-is": "none"}),
     ("trl", ["--kl", "k2-in-both", "--kl-level", "token", "--adv", "grpo"], {"--kl-level": "sequence"}),
-] + [(e, ["--kl", "k2-in-loss", "--kl-is", "sg_rho", "--adv", "grpo"], {}) for e in export.ENGINES])
+] + [(e, ["--kl", "k2-in-loss", "--kl-is", "sg_rho", "--adv", "grpo"], {}) for e in export.ENGINES]
+  + [(e, ["--kl", "k3-in-loss", "--kl-is", "prefix"], {}) for e in export.ENGINES]
+  + [("trl", ["--kl", "k3-in-loss", "--kl-is", "prefix", "--adv", "dr_grpo"], {"--kl-is": "rho"})])
 def test_refusals(engine, flags, nearest):
     with pytest.raises(export.ExportError) as err:
         export.export(train.parse_config(flags), engine)

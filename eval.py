@@ -31,7 +31,7 @@ Simplifications
 
 Commands
   python eval.py                      # offline CPU demo (<1 min): assets/tiny-arith vs the latest run in runs/
-  python eval.py --adapter runs/NAME --tasks arith,arith_ood --samples 8        # base model read from the run
+  python eval.py --adapter runs/NAME --tasks arith,arith_spaced --samples 8    # base model read from the run
   python eval.py --model Qwen/Qwen2.5-7B --tasks math500,mmlu_college_physics --samples 4 --temperature 1.0 \
       --max-new-tokens 1024 --batch-size 16 --load-in-4bit
   python eval.py --compare eval-results/Qwen2.5-7B-math500.json runs/k1-in-reward runs/k3-in-loss
@@ -57,7 +57,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # p
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "assets", "tiny-arith")
 SAMPLES = 8   # n samples per problem by default: the README's tables use n = 8 at T = 1
-DEMO = ["--tasks", "arith,arith_ood", "--samples", str(SAMPLES), "--max-new-tokens", "12", "--batch-size", "100"]
+DEMO = ["--tasks", "arith,arith_spaced,arith_ood", "--samples", str(SAMPLES), "--max-new-tokens", "12",
+        "--batch-size", "100"]
 # A * on a difference needs its paired 95% CI to exclude 0 *and* a size that matters: with many problems the CI of a
 # negligible difference (0.2 points on 5,000 problems) can exclude 0 too.
 MIN_DIFF, MIN_DIFF_LEN = 0.01, 1.0   # accuracy, pass@k and truncation rates; mean lengths (tokens)
@@ -343,7 +344,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Evaluate a base model or base + LoRA adapter; compare result files.")
     p.add_argument("--model", help="hub id or local folder (default: the run's model, else assets/tiny-arith)")
     p.add_argument("--adapter", help="run folder (uses RUN/checkpoint) or peft adapter folder")
-    p.add_argument("--tasks", default="arith,arith_ood", help="comma-separated names from tasks.TASKS")
+    p.add_argument("--tasks", default="arith,arith_spaced", help="comma-separated names from tasks.TASKS")
     p.add_argument("--samples", type=int, default=SAMPLES,
                    help=f"n samples per problem for pass@k (0 = greedy only; default {SAMPLES}, as in the README)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the n samples")

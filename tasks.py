@@ -12,7 +12,10 @@ Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed 
 10,000 (or n) that never contains a test problem; `seed` only changes the train stream):
   arith      question f"{a}+{b}=" with a, b uniform in [0, 99], answer str(a + b). The tiny model in assets/ is
              pretrained on exactly this, around these 500 held-out test pairs (so they must never change).
-  arith_ood  the same with a, b in [100, 999].
+  arith_ood  the same with a, b in [100, 999] (the tiny model never saw these: it scores 0).
+  arith_spaced  the same 500 held-out pairs as arith written "{a} + {b} =": a surface form that made up a quarter
+             of the tiny model's pretraining rows but never appears in RL training (train.py trains on arith);
+             the out-of-domain split of comedy.py.
   countdown  3 or 4 numbers in [1, 30] and a target in [1, 200] built from a random expression over all of them,
              so every problem is solvable; answer = that reference expression (plus "numbers" and "target").
              The model must put an expression using + - * / and parentheses, each number exactly once, inside
@@ -34,7 +37,7 @@ For the train split of a data set the rows are shuffled with `seed`; test keeps 
 A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
 
 Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
-  arith, arith_ood  the last integer (-?[0-9]+) in the completion equals the answer.
+  arith, arith_ood, arith_spaced  the last integer (-?[0-9]+) in the completion equals the answer.
   countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
              exactly (Fractions) to the target. Whitespace and line breaks in it are free; at most CD_MAX_CHARS = 1000
              other characters.
@@ -64,6 +67,7 @@ class TaskError(ValueError):
 TASKS = {
     "arith": "a+b= with a, b in [0, 99] (synthetic; the tiny model's pretraining task)",
     "arith_ood": "a+b= with a, b in [100, 999] (synthetic; out of domain for a model trained on arith)",
+    "arith_spaced": "a + b = with a, b in [0, 99] (synthetic; arith's test pairs in a rarer surface form)",
     "countdown": "reach a target from 3-4 numbers with + - * / (synthetic; expression in <answer></answer>)",
     "math": "MATH (Hendrycks) competition problems, answer in \\boxed{} (hub or local file)",
     "math500": "MATH-500 test problems, answer in \\boxed{} (hub or local file)",
@@ -112,20 +116,21 @@ def load_task(name, split="train", n=None, seed=0, path=None):
 def _synthetic(name, split, n, seed):
     """A fixed held-out test set and a seeded train stream that never contains a test problem."""
     lo, hi = (100, 999) if name == "arith_ood" else (0, 99)
+    form = "{} + {} =" if name == "arith_spaced" else "{}+{}="
 
     def make(rng):
         if name == "countdown":
             return _countdown_problem(rng)
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        return {"question": f"{a}+{b}=", "answer": str(a + b)}
+        return {"question": form.format(a, b), "answer": str(a + b)}
 
     def key(ex):  # countdown: the same numbers in another order with the same target are the same problem
         return (tuple(sorted(ex["numbers"])), ex["target"]) if "numbers" in ex else ex["question"]
 
-    if name == "arith":  # one fixed shuffle of all pairs: the shipped model was built around these 500 held out
+    if name in ("arith", "arith_spaced"):  # one fixed shuffle of all pairs: the shipped model never saw these 500
         pairs = [(a, b) for a in range(100) for b in range(100)]
         random.Random("arith-False-0").shuffle(pairs)
-        test = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs[:N_TEST]]
+        test = [{"question": form.format(a, b), "answer": str(a + b)} for a, b in pairs[:N_TEST]]
     else:
         rng, test = random.Random(f"{name}-test"), {}
         while len(test) < N_TEST:
@@ -240,7 +245,7 @@ def reward(name, completion, example):
         raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
     if not isinstance(completion, str):
         return 0.0
-    if name in ("arith", "arith_ood"):
+    if name in ("arith", "arith_ood", "arith_spaced"):
         # the last integer ("12+5=17", "The sum is 17."); [0-9], as \d also matches "١٧", which int() reads as 17
         ints = re.findall(r"-?[0-9]+", completion)
         return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))

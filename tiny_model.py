@@ -12,10 +12,16 @@ moderate probability so that T=1 sampling finds it often enough for RL to reinfo
     out (T=1 sampling is clearly worse than greedy) while its mode stays the right sum;
   * early stopping: training stops as soon as the T=1 accuracy on a 500-problem slice of the train split (checked
     every 10 steps, mean of the last 3 checks) reaches --target (0.33), i.e. mid-way through learning the carries.
-It is poor on arith_ood (3-digit operands): it never saw them.
+  * a second surface form: every 4th training row (25%) is written "{a} + {b} =" (tasks.py `arith_spaced`). RL then
+    trains on "{a}+{b}=" only, so the spaced form is an out-of-domain split that starts neither at 0 nor saturated
+    (greedy 0.648 vs 0.676 in domain) and that in-domain RL moves (one default run: greedy 0.648 -> 0.536, T=1
+    0.306 -> 0.394), which is what comedy.py measures per KL arm. With 5% or 12.5% of rows the model barely learned
+    the form (greedy 0.012, 0.084). The 500 held-out test pairs are never trained on, in either form.
+It is poor on arith_ood (3-digit operands): it never saw them. Shipped model: 900 pretraining steps; test accuracy on
+500 problems: arith greedy 0.676, T=1 0.368; arith_spaced greedy 0.648, T=1 0.322; arith_ood 0.
 
 Command (regenerates the committed folder; ~2-4 min on 2 CPU cores, deterministic given --seed and the thread count):
-    python tiny_model.py --out assets/tiny-arith
+    python tiny_model.py --out assets/tiny-arith       # the shipped folder (one torch thread: ~10 min on a busy CPU)
 """
 import argparse
 import os
@@ -46,6 +52,12 @@ DEFAULT_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
 # ---------------------------------------------------------------- data: the arith task of tasks.py
 def arith_examples(split, n=None, ood=False):
     return tasks.load_task("arith_ood" if ood else "arith", split, n=n)
+
+
+def spaced(ex):
+    """The same problem in arith_spaced's surface form: "12+34=" -> "12 + 34 =" (tasks.py)."""
+    a, b = ex["question"][:-1].split("+")
+    return {**ex, "question": f"{a} + {b} ="}
 
 
 def is_correct(text, answer):
@@ -146,8 +158,8 @@ def corrupt(ids, labels, digit_ids, noise, gen):
     return ids, labels
 
 
-def pretrain(out_dir, target=0.33, noise=0.25, max_steps=4000, batch_size=128, lr=3e-3, eval_every=10, n_val=500,
-             seed=0, **size):
+def pretrain(out_dir, target=0.33, noise=0.25, spaced_every=4, max_steps=4000, batch_size=128, lr=3e-3, eval_every=10,
+             n_val=500, seed=0, **size):
     """Supervised training on arith train examples, stopped once T=1 validation accuracy >= target."""
     random.seed(seed)
     torch.manual_seed(seed)
@@ -158,6 +170,7 @@ def pretrain(out_dir, target=0.33, noise=0.25, max_steps=4000, batch_size=128, l
     print(f"model: {n_params:,} params, vocab {len(tokenizer)}, {model.config.hidden_size=}, "
           f"{model.config.num_hidden_layers=}; answer noise {noise}, stop at T=1 val acc >= {target}")
     train = arith_examples("train")
+    train = [spaced(ex) if spaced_every and i >= n_val and i % spaced_every == 0 else ex for i, ex in enumerate(train)]
     val, train = train[:n_val], train[n_val:]  # early-stopping slice of the train split, never trained on
     ids, mask, labels = encode(tokenizer, train)
     digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
@@ -183,8 +196,9 @@ def pretrain(out_dir, target=0.33, noise=0.25, max_steps=4000, batch_size=128, l
     save(model, tokenizer, out_dir)
     train_s = time.time() - t0
     test, ood = arith_examples("test"), arith_examples("test", ood=True)
+    splits = (("arith", test), ("arith_spaced", [spaced(ex) for ex in test]), ("arith_ood", ood))
     report = {f"{name} {'greedy' if t == 0 else 'T=1'}": accuracy(model, tokenizer, ex, temperature=t, seed=seed)
-              for name, ex in (("arith", test), ("arith_ood", ood)) for t in (0.0, 1.0)}
+              for name, ex in splits for t in (0.0, 1.0)}
     mb = os.path.getsize(os.path.join(out_dir, "model.safetensors")) / 2**20
     print(f"saved {out_dir}: {n_params:,} params, {mb:.2f} MB; {step} steps, {train_s:.0f}s")
     for k, v in report.items():
@@ -198,6 +212,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="assets/tiny-arith", help="output folder (model + tokenizer)")
     ap.add_argument("--target", type=float, default=0.33, help="stop when T=1 validation accuracy reaches this")
     ap.add_argument("--noise", type=float, default=0.25, help="fraction of training answers with one random digit")
+    ap.add_argument("--spaced-every", type=int, default=4, help="every Nth training row in the 'a + b =' form (0: none)")
     ap.add_argument("--max-steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -205,6 +220,7 @@ if __name__ == "__main__":
     ap.add_argument("--hidden", type=int, default=DEFAULT_SIZE["hidden_size"])
     ap.add_argument("--layers", type=int, default=DEFAULT_SIZE["num_hidden_layers"])
     args = ap.parse_args()
-    pretrain(args.out, target=args.target, noise=args.noise, max_steps=args.max_steps, batch_size=args.batch_size,
-             lr=args.lr, seed=args.seed, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-             num_hidden_layers=args.layers)
+    torch.set_num_threads(1)   # the shipped model was built with one thread (results depend on the thread count)
+    pretrain(args.out, target=args.target, noise=args.noise, spaced_every=args.spaced_every, max_steps=args.max_steps,
+             batch_size=args.batch_size, lr=args.lr, seed=args.seed, hidden_size=args.hidden,
+             intermediate_size=2 * args.hidden, num_hidden_layers=args.layers)

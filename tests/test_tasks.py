@@ -17,7 +17,8 @@ FIX = Path(__file__).parent / "fixtures"
 
 # ----------------------------------------------------------------------------------------------------------- arith
 def test_task_names():
-    assert set(tasks.TASKS) == {"arith", "arith_ood", "countdown", "math", "math500", "mmlu_college_physics",
+    assert set(tasks.TASKS) == {"arith", "arith_ood", "arith_spaced", "countdown", "math", "math500",
+                                "mmlu_college_physics",
                                 "mmlu_college_chemistry", "mmlu_college_biology"}
 
 
@@ -46,6 +47,17 @@ def test_arith_format_determinism_and_disjoint_splits():
     other = pairs(load_task("arith", "train", n=20000, seed=3))
     assert len(other) == 20000 and not set(other) & set(te) and len(set(other)) > 8000
     assert len(load_task("arith", "test", n=10)) == 10
+
+
+def test_arith_spaced_is_arith_test_set_in_another_surface_form():
+    # the OOD split must differ from the in-domain one by the surface form only, on the same held-out pairs
+    arith, spaced = load_task("arith", "test"), load_task("arith_spaced", "test")
+    assert [ex["answer"] for ex in arith] == [ex["answer"] for ex in spaced]
+    assert [ex["question"].replace("+", " + ").replace("=", " =") for ex in arith] == [ex["question"] for ex in spaced]
+    train = {ex["question"] for ex in load_task("arith_spaced", "train", n=3000)}
+    assert len(train) > 1000 and not train & {ex["question"] for ex in spaced}
+    assert all(re.fullmatch(r"[0-9]+ \+ [0-9]+ =", q) for q in train)
+    assert reward("arith_spaced", "107", spaced[0] | {"answer": "107"}) == 1.0
 
 
 def test_arith_ood_range_and_disjoint():

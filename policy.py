@@ -8,16 +8,23 @@ What it implements, top to bottom (train.py calls these; eval.py reuses the firs
                    (top_k=0, top_p=1: the KL estimates and ratios are for π itself, not a truncated sampler);
                    completion mask up to and including the first EOS.
   token_logprobs   log π(y_t|s_t) of the sampled tokens under logits / temperature, computing logits only at
-                   completion positions, chunk by chunk (never the (N, C, V) float32 tensor).
-  token_kl_stats   exact per-token reverse / forward KL and entropy from full logits (a diagnostic, no estimator).
+                   completion positions, chunk by chunk (never the (N, C, V) float32 tensor); optionally one
+                   prompt pass per group (--share-prompt).
+  kl_stats_from_hidden  exact per-token reverse / forward KL and entropy from full logits (a diagnostic, no
+                   estimator), from hidden states the reference and grad passes already computed.
   adapter_snapshot, swapped_adapter    the behaviour policy of --async-level N: the adapters of N steps ago.
+  rollout_copy, sync_rollout_copy      (--rollout-bf16-copy) a bf16 copy of the base that only samples, with the
+                   current LoRA merged into it each step; the 4-bit base stays the training copy.
 
 The loss these tensors feed is in kl_rl.py (torch only). Simplifications: HF generate instead of vLLM; one device.
 """
 
 import contextlib
+import inspect
 import logging
 import os
+import resource
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)   # harmless "no kernels" notice on CPU
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils.integrations import dequantize_module_weight  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, CompileConfig,  # noqa: E402
+                          DynamicCache)
 
 from estimators import full_kl  # noqa: E402
 
@@ -38,6 +48,7 @@ TRUE_SAMPLING = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cuto
 NO_LOGITS_PROCESSING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=None,
                             bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
                             forced_bos_token_id=None, forced_eos_token_id=None)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_model_source(model):
@@ -50,9 +61,10 @@ def check_model_source(model):
 
 
 def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                gradient_checkpointing=False, device=None, adapter=None):
+                gradient_checkpointing=False, device=None, adapter=None, dtype=None):
     """-> (peft_model, tokenizer). LoRA on every linear layer (or a saved `adapter`, trainable); the reference
-    policy is `with peft_model.disable_adapter():`, so a QLoRA run holds one 4-bit copy of the base weights."""
+    policy is `with peft_model.disable_adapter():`, so a QLoRA run holds one 4-bit copy of the base weights.
+    dtype: "fp32" / "bf16" compute dtype of the base (default: bf16 on CUDA, fp32 on CPU); LoRA stays fp32 (peft)."""
     check_model_source(model)
     if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"no peft adapter (adapter_config.json) in {adapter}")
@@ -60,7 +72,7 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")        # left padding for batched generate
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token    # base checkpoints often ship none; masks never rely on != pad
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[dtype] if dtype in DTYPES else torch.bfloat16 if device.type == "cuda" else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
     base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quant,
@@ -80,6 +92,18 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     return get_peft_model(base, lora), tokenizer
 
 
+def peak_memory_gb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
+
+
+def clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()                             # GPU work is asynchronous: time what has finished
+    return time.perf_counter()
+
+
 def stop_token_ids(model, tokenizer):
     """Every id that ends a completion: the tokenizer's EOS plus generation_config's (Qwen-Instruct lists two)."""
     ids = model.generation_config.eos_token_id
@@ -91,15 +115,18 @@ def stop_token_ids(model, tokenizer):
 # Rollouts: G samples per prompt, one batched generate call
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, seed=None, batch_size=None):
+def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, seed=None, batch_size=None,
+            compile=False):
     """prompts × group_size completions; rows i*G .. i*G+G-1 belong to prompt i. Greedy if temperature == 0.
-    batch_size (optional): at most this many sequences per generate call, since the KV cache grows with it."""
+    batch_size (optional): at most this many sequences per generate call, since the KV cache grows with it.
+    compile: a static KV cache and torch.compile of the decode step (--compile-decode; see decode_options)."""
     if seed is not None:
         torch.manual_seed(seed)                      # also seeds every CUDA device
     per_call = max(1, batch_size // group_size) if batch_size else len(prompts)
     if per_call < len(prompts):
         return merge_rollouts([rollout(model, tokenizer, prompts[i:i + per_call], group_size, max_new_tokens,
-                                       temperature) for i in range(0, len(prompts), per_call)], tokenizer.pad_token_id)
+                                       temperature, compile=compile) for i in range(0, len(prompts), per_call)],
+                              tokenizer.pad_token_id)
     device = model.get_input_embeddings().weight.device
     # a chat template that already starts with the BOS text must not get a second BOS from the tokenizer
     add_bos = not (tokenizer.bos_token and prompts[0].startswith(tokenizer.bos_token))
@@ -111,7 +138,8 @@ def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, 
         enc = {k: v.repeat_interleave(group_size, 0) for k, v in enc.items()}
         sampling = dict(do_sample=False, temperature=None, **{k: None for k in TRUE_SAMPLING})
     out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=stop, **NO_LOGITS_PROCESSING, **sampling)   # (N, P+C)
+                         eos_token_id=stop, **NO_LOGITS_PROCESSING, **sampling,
+                         **(decode_options(device) if compile else {}))                     # (N, P+C)
     P = enc["input_ids"].shape[1]
     completion_ids = out[:, P:]                                                    # (N, C)
     is_stop = torch.isin(completion_ids, torch.tensor(stop, device=device)).long() # (N, C)
@@ -123,6 +151,16 @@ def rollout(model, tokenizer, prompts, group_size, max_new_tokens, temperature, 
     return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask.long()], 1),
             "prompt_len": P, "completion_ids": completion_ids, "completion_mask": completion_mask,
             "truncated": is_stop.sum(1) == 0, "texts": texts}
+
+
+def decode_options(device):
+    """generate() kwargs for --compile-decode. A static KV cache has fixed shapes, so torch.compile captures the
+    decode step once ("reduce-overhead": CUDA graphs, no per-kernel launch cost) and transformers keeps the cache
+    at the largest size seen, so later steps reuse the graph. transformers compiles only models it knows to be
+    compilable: a bnb 4-bit model gets the static cache alone (pair it with --rollout-bf16-copy)."""
+    config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = device.type != "cuda"      # transformers' own switch for compiling off-GPU
+    return dict(cache_implementation="static", compile_config=config)
 
 
 def merge_rollouts(parts, pad_id):
@@ -140,13 +178,30 @@ def merge_rollouts(parts, pad_id):
 # ---------------------------------------------------------------------------------------------------------
 # Log-probabilities of the sampled tokens, logits only where they are needed
 # ---------------------------------------------------------------------------------------------------------
-def _completion_hidden(model, input_ids, attention_mask, prompt_len):
-    """Last-layer hidden states at the positions that predict the completion tokens: (N, C, H)."""
+def _completion_hidden(model, input_ids, attention_mask, prompt_len, group_size=1):
+    """Last-layer hidden states at the positions that predict the completion tokens: (N, C, H).
+
+    group_size G > 1 (--share-prompt): where every G consecutive rows hold one prompt (rollout's order), the prompt
+    runs once per group and its KV cache is repeated G times, so the pass reads P + G·C tokens per group, not
+    G·(P + C); under grad the repeat sums the G rows' gradients into the shared prompt pass. Same values up to float
+    rounding. Not under gradient checkpointing (a recomputed layer would append to the cache twice)."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
+    decoder, P, G, N = base.get_decoder(), prompt_len, group_size, len(input_ids)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)    # (N, P+C) what generate() used under left padding
-    h = base.get_decoder()(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                           position_ids=position_ids[:, :-1], use_cache=False).last_hidden_state   # (N, P+C-1, H)
-    return h[:, prompt_len - 1:]                                  # (N, C, H) position t predicts token t+1
+    head = input_ids[:, :P], attention_mask[:, :P]
+    if G < 2 or N % G or input_ids.shape[1] - P < 2 or (torch.is_grad_enabled() and base.is_gradient_checkpointing) \
+            or not all((x.view(-1, G, P) == x[::G, None]).all() for x in head):
+        h = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                    position_ids=position_ids[:, :-1], use_cache=False).last_hidden_state   # (N, P+C-1, H)
+        return h[:, P - 1:]                                       # (N, C, H) position t predicts token t+1
+    cache = DynamicCache(config=base.config)                      # filled in place by the prompt pass
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # older HF
+    h_prompt = decoder(input_ids=head[0][::G], attention_mask=head[1][::G], position_ids=position_ids[::G, :P],
+                       use_cache=True, **{name: cache}).last_hidden_state[:, -1:]              # (N/G, 1, H)
+    cache.batch_repeat_interleave(G)
+    h = decoder(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, P:-1], use_cache=True, **{name: cache}).last_hidden_state   # (N, C-1, H)
+    return torch.cat([h_prompt.repeat_interleave(G, 0), h], 1)    # (N, C, H)
 
 
 def _logits(model, h, temperature=1.0):
@@ -157,12 +212,16 @@ def _logits(model, h, temperature=1.0):
     return (cap * torch.tanh(logits / cap) if cap else logits) / temperature
 
 
-def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512):
+def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512, keep_hidden=None,
+                   group_size=1):
     """log π(y_t | s_t) of the completion tokens under logits/temperature: (N, C).
 
     Logits are built `chunk` token rows at a time; under grad each chunk is checkpointed, so backward recomputes its
-    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit)."""
-    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
+    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit).
+    keep_hidden=k: return (log-probs, hidden) where hidden (M, H) holds the detached last-layer states of the real
+    completion tokens of the first k rows, so the exact KL diagnostics need no decoder pass of their own.
+    group_size: share each group's prompt pass (see _completion_hidden)."""
+    h = _completion_hidden(model, input_ids, attention_mask, prompt_len, group_size)   # (N, C, H)
     targets = input_ids[:, prompt_len:]                                     # (N, C)
 
     def chunk_logp(h_c, y_c):                                               # (n, H), (n,) -> (n,)
@@ -175,27 +234,46 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0
         args = (flat_h[i:i + chunk], flat_y[i:i + chunk])
         out.append(checkpoint(chunk_logp, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logp(*args))
-    return torch.cat(out).view_as(targets)
+    logp = torch.cat(out).view_as(targets)
+    if keep_hidden is None:
+        return logp
+    real = attention_mask[:keep_hidden, prompt_len:].bool()               # (k, C) the completion mask of rollout()
+    return logp, h[:keep_hidden].detach()[real]                           # (M, H) a copy: the pass's h can go
 
 
 @torch.no_grad()
-def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
+def logprobs_in_chunks(model, ro, rows, temperature, keep_hidden=0, group_size=1):
+    """token_logprobs of a rollout, one no-grad pass per slice in `rows` (no activations kept, so big slices):
+    -> (N, C) log-probs and the hidden states of the first keep_hidden rows' completion tokens (see token_logprobs)."""
+    parts = [token_logprobs(model, ro["input_ids"][sl], ro["attention_mask"][sl], ro["prompt_len"], temperature,
+                            keep_hidden=max(0, keep_hidden - sl.start), group_size=group_size) for sl in rows]
+    return torch.cat([lp for lp, _ in parts]), torch.cat([h for _, h in parts])
+
+
+@torch.no_grad()
+def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=512):
     """Exact token-level KL(π‖π_ref), KL(π_ref‖π) and H(π) over the whole vocabulary (no estimator), averaged
-    over completion tokens. A diagnostic for one micro-batch per step: it builds two full logit rows per token."""
-    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)   # (N, C, H)
-    with model.disable_adapter():
-        h_ref = _completion_hidden(model, input_ids, attention_mask, prompt_len)
-    keep = completion_mask.reshape(-1).bool()
-    h, h_ref = h.reshape(-1, h.shape[-1])[keep], h_ref.reshape(-1, h.shape[-1])[keep]   # (M, H) real tokens
+    over the (M, H) hidden states of real completion tokens under π and π_ref. Only the LM head runs here: the
+    decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass)."""
     sums = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(h), chunk):
         logits = _logits(model, h[i:i + chunk])                            # (n, V)
-        with model.disable_adapter():
+        with model.disable_adapter():                                      # an adapter may also cover the LM head
             ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
         reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
         sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()
     reverse, forward, entropy = (sums / max(len(h), 1)).tolist()
     return {"token_rkl": reverse, "token_fkl": forward, "entropy": entropy}
+
+
+@torch.no_grad()
+def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
+    """kl_stats_from_hidden with its own two decoder passes (policy and reference) over the given rows."""
+    keep = completion_mask.bool()
+    h = _completion_hidden(model, input_ids, attention_mask, prompt_len)[keep]             # (M, H) real tokens
+    with model.disable_adapter():
+        h_ref = _completion_hidden(model, input_ids, attention_mask, prompt_len)[keep]
+    return kl_stats_from_hidden(model, h, h_ref, temperature, chunk)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,3 +299,40 @@ def swapped_adapter(model, snapshot, live=None):
         with torch.no_grad():
             for n, t in live.items():
                 params[n].copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --rollout-bf16-copy: sample from a plain bf16 copy of the base weights with the LoRA merged in
+# ---------------------------------------------------------------------------------------------------------
+# Batched decoding with bnb 4-bit weights dequantises every matrix at every token (peer-notes §6.5: ~2× slower than
+# 16-bit) and LoRA adds two matmuls per layer. The copy costs 2 B/parameter (7B: ~15 GB) and a dequantise + B·A per
+# layer per step; it samples from bf16(W_4bit + s·B·A), π_θ up to bf16 rounding. The loss's log-probs are unchanged.
+def rollout_copy(model, dtype=torch.bfloat16):
+    """A plain HF model (no quantisation, no adapters) with the base weights of `model` dequantised to `dtype`;
+    sync_rollout_copy writes the current LoRA into it. It never trains (requires_grad off)."""
+    base = model.get_base_model()
+    device = base.get_input_embeddings().weight.device
+    with torch.device(device):
+        copy = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    copy.generation_config = base.generation_config
+    src = dict(base.named_modules())
+    with torch.no_grad():
+        for name, mod in copy.named_modules():
+            s = src[name].get_base_layer() if isinstance(src[name], LoraLayer) else src[name]
+            for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                t.copy_(dequantize_module_weight(s) if n == "weight" else getattr(s, n))
+    return sync_rollout_copy(copy.eval().requires_grad_(False), model)
+
+
+@torch.no_grad()
+def sync_rollout_copy(copy, model):
+    """Every LoRA'd linear of the copy <- dequant(W_base) + the active adapters' delta (so inside swapped_adapter it
+    is the behaviour policy's). In-place copies: a compiled decode step keeps pointing at the same tensors."""
+    weights = dict(copy.named_parameters())
+    for name, mod in model.get_base_model().named_modules():
+        if isinstance(mod, LoraLayer):
+            w = dequantize_module_weight(mod.get_base_layer()).to(torch.float32, copy=True)   # never the base itself
+            for adapter in [] if mod.disable_adapters else mod.active_adapters:
+                w += mod.get_delta_weight(adapter).float()
+            weights[name + ".weight"].copy_(w)
+    return copy

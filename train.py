@@ -38,7 +38,6 @@ import math
 import os
 import pickle
 import random
-import resource
 import shutil
 import sys
 import time
@@ -79,6 +78,8 @@ class Config:
     lora_alpha: int = arg(32, "LoRA alpha", MODEL)
     lora_dropout: float = arg(0.0, "LoRA dropout", MODEL)
     gradient_checkpointing: bool = arg(False, "recompute activations in backward", MODEL)
+    dtype: str = arg("auto", "compute dtype of the base weights (auto: bf16 on CUDA, fp32 on CPU)", MODEL,
+                     choices=("auto", "fp32", "bf16"))
     task: str = arg("arith", "training task", TASK, choices=tuple(TASKS))
     data_path: str = arg(None, "local data file for the task (jsonl/parquet)", TASK, type=str)
     eval_tasks: tuple = arg((), "held-out tasks (test splits; default: the training task's)", TASK, nargs="*",
@@ -102,9 +103,12 @@ class Config:
     steps: int = arg(150, "optimizer steps", OPT)
     micro_batch_size: int = arg(256, "sequences per forward/backward pass", OPT)
     optim: str = arg("adamw", "optimizer", OPT, choices=("adamw", "paged_adamw_8bit"))
+    share_prompt: bool = arg(False, "log-prob passes run a group's prompt once for its G rows (float rounding)", OPT)
     max_new_tokens: int = arg(8, "completion length limit", GEN)
     temperature: float = arg(1.0, "sampling temperature (KL and ratios use logits / T too)", GEN)
     rollout_batch_size: int = arg(0, "sequences per generate call (0 = the whole batch)", GEN)
+    compile_decode: bool = arg(False, "static KV cache + torch.compile of the decode step (4-bit: cache only)", GEN)
+    rollout_bf16_copy: bool = arg(False, "sample from a bf16 copy of the base, LoRA merged in (CUDA, +2 B/param)", GEN)
     async_level: int = arg(0, "behaviour policy = adapters of this many steps ago (0 = on-policy)", ASYNC)
     ratio_clip: tuple = arg((0.0, 8.0), "clamp of the token importance ratio (no PPO min)", ASYNC, nargs=2,
                             metavar=("LO", "HI"))
@@ -113,6 +117,7 @@ class Config:
     eval_modes: tuple = arg(("greedy", "sample"), "greedy and/or sampled (at --temperature) held-out accuracy", LOG,
                             nargs="+", choices=("greedy", "sample"), type=str)
     save_every: int = arg(0, "checkpoint every N steps, and at the end (0: end only)", LOG)
+    diag_every: int = arg(1, "exact full-vocabulary KLs and entropy every N steps (0: never; others omit them)", LOG)
     out: str = arg(None, "run folder (default runs/<time>-<task>-<kl>)", LOG, type=str)
     resume: str = arg(None, "run folder to continue from its checkpoint", LOG, type=str)
     preset: str = arg(None, "named setup (explicit flags override it)", LOG, type=str,
@@ -138,7 +143,8 @@ PRESETS = {
 }
 
 
-RESUMABLE = ("resume", "steps", "eval_every", "save_every", "device", "threads", "export")   # cannot change the run
+RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
+             "export")                                       # speed and logging only: cannot change the run
 EXAMPLES = """examples:
   python train.py                                             # the offline default: tiny model, arith, k1-in-reward
   python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
@@ -216,7 +222,7 @@ def check_config(cfg):
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
-                 save_every=(0, 1), rollout_batch_size=(0, 1))   # name -> (bound, 1: value >= bound, 0: > bound)
+                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1))   # name -> (bound, 1: >=, 0: >)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
         if not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
@@ -228,6 +234,8 @@ def check_config(cfg):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
     if not (cfg.max_grad_norm >= 0 and (cfg.token_budget is None or cfg.token_budget > 0)):
         raise ValueError("--max-grad-norm must be >= 0 and --token-budget > 0: a negative one flips the gradient")
+    if cfg.rollout_bf16_copy and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
+        raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
     if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
@@ -268,13 +276,6 @@ def load_data(cfg):
 # ---------------------------------------------------------------------------------------------------------
 # Helpers: no-grad passes, evaluation, checkpoints, the run folder
 # ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def logprobs_nograd(model, ro, rows, temperature):
-    from policy import token_logprobs
-    return torch.cat([token_logprobs(model, ro["input_ids"][sl], ro["attention_mask"][sl], ro["prompt_len"],
-                                     temperature) for sl in rows])                                  # (N, C)
-
-
 @torch.no_grad()
 def evaluate(model, tok, cfg, held_out, step):
     """Held-out accuracy (greedy and/or sampled at --temperature) on each eval task -> list of JSONL records."""
@@ -365,7 +366,7 @@ def start_run(cfg, argv):
         model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                  lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None)
+                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
     except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
         raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
@@ -388,18 +389,6 @@ def start_run(cfg, argv):
     return out, model, tok, params, optimizer, snapshots, log, start
 
 
-def peak_memory_gb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
-
-
-def clock():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()                             # GPU work is asynchronous: time what has finished
-    return time.perf_counter()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Training: the recipe of the module docstring
 # ---------------------------------------------------------------------------------------------------------
@@ -407,6 +396,8 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         kl = check_config(cfg)
+        if argv is None and not cfg.load_in_4bit and cfg.optim == "adamw":   # the command line, not a caller's process
+            sys.modules.setdefault("bitsandbytes", None)    # peft imports it if installed: ~1.2 s, here never used
         if cfg.export:                                       # a command for another engine, no training
             from export import export
             print(export(cfg, cfg.export).rstrip("\n"))
@@ -417,14 +408,18 @@ def main(argv=None):
         out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(str(e).strip().splitlines()[0])
-    from policy import adapter_snapshot, rollout, swapped_adapter, token_kl_stats, token_logprobs
+    from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
+                        peak_memory_gb, rollout, rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
     nb = max(cfg.rollout_batch_size, mb)                     # no-grad passes keep no activations: bigger chunks
     nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
-    # sg(log π_θ) for an in-reward KL comes from the grad pass itself, unless dropout would perturb it
-    nograd_policy_pass = kl.in_reward and cfg.lora_dropout > 0
+    # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
+    # unless dropout would perturb it
+    nograd_policy_pass = cfg.lora_dropout > 0
+    shared = G if cfg.share_prompt else 1                    # rows per prompt pass (policy._completion_hidden)
+    sampler = rollout_copy(model) if cfg.rollout_bf16_copy else None    # CUDA only (check_config)
 
     def write(rec):
         log.write(json.dumps(rec) + "\n")
@@ -446,26 +441,30 @@ def main(argv=None):
             snapshots.append(adapter_snapshot(model))
         behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
         with behaviour:
-            ro = rollout(model, tok, prompts, G, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed * 100003 + step,
-                         batch_size=cfg.rollout_batch_size)
+            ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
+                         cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
+                         compile=cfg.compile_decode)
             t1 = clock()
-            behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature) if cfg.async_level else None
+            behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, 0, shared)[0] if cfg.async_level \
+                else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
-        # 2. score: task rewards, log π_ref, exact KL diagnostics -------------------------------------------------
+        # 2. score: task rewards, log π_ref (and the reference's hidden states for the exact KL diagnostics) ------
         rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
                                 zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
+        # exact KLs need full logits: the first few rows suffice, every --diag-every steps
+        D = min(N, cfg.micro_batch_size, 64) if cfg.diag_every and step % cfg.diag_every == 0 else 0
         with model.disable_adapter():
-            ref_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature)                 # (N, C) π_ref
-        sg_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature) if nograd_policy_pass else None
-        diag = slice(0, min(N, cfg.micro_batch_size, 64))   # exact KLs need full logits: a few rows suffice
-        exact = token_kl_stats(model, ids[diag], attn[diag], P, mask[diag], cfg.temperature)
+            ref_logp, ref_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared)   # (N, C) π_ref
+        sg_logp, sg_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared) if nograd_policy_pass \
+            else (None, None)
         t2 = clock()
         # 3. loss: advantages and policy_loss per micro-batch of whole groups; gradients add up ----------------
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        logps = []
-        for sl in rows:
-            logp = token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature)                   # (n, C) with grad
+        logps, hs = [], []
+        for sl in rows:                                      # (n, C) with grad, and hidden states for the exact KLs
+            logp, h = token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature, keep_hidden=max(0, D - sl.start),
+                                     group_size=shared)
             advantages, _ = shaped_advantages(rewards[sl], logp.detach() if sg_logp is None else sg_logp[sl],
                                               ref_logp[sl], mask[sl], G, cfg.beta, kl, cfg.adv)   # (n, C)
             loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages, cfg.beta, kl,
@@ -478,20 +477,27 @@ def main(argv=None):
                 return 1
             loss.backward()
             logps.append(logp.detach())
+            hs.append(h)
+        t3 = clock()
+        # exact KLs from the states those passes computed (the policy's from the no-grad pass when dropout is on)
+        exact = kl_stats_from_hidden(model, sg_h if nograd_policy_pass else torch.cat(hs), ref_h, cfg.temperature) \
+            if D else {}
         # 4. step ------------------------------------------------------------------------------------------------
+        t4 = clock()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
         if not math.isfinite(grad_norm):
             print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)
             return 1
         optimizer.step()
-        t3 = clock()
+        t5 = clock()
 
         logp = torch.cat(logps)                              # (N, C) the whole batch's metrics, no grad
         rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
                                                               behav_logp), **exact, "grad_norm": grad_norm,
                "truncated_frac": ro["truncated"].float().mean().item(),
-               "time_generate": t1 - t0, "time_no_grad": t2 - t1, "time_policy": t3 - t2, "time_step": t3 - t0,
-               "tokens_per_s": (attn.sum().item()) / (t3 - t0), "peak_mem_gb": peak_memory_gb()}
+               "time_generate": t1 - t0, "time_no_grad": t2 - t1 + t4 - t3, "time_policy": t3 - t2,
+               "time_optimizer": t5 - t4, "time_step": t5 - t0, "tokens_per_s": attn.sum().item() / (t5 - t0),
+               "peak_mem_gb": peak_memory_gb()}
         write(rec)
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
         if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:   # a log file or a scheduler: no bar
@@ -546,16 +552,17 @@ def report(out):
               ("exact token KL", ["token_rkl", "token_fkl"]), ("policy entropy", ["entropy"]),
               ("completion length", ["completion_len"]),
               ("KL in the loss / in the reward", ["kl_term", "kl_penalty"]), ("grad norm", ["grad_norm"])]
+    has = lambda rs, k: [r[k] for r in rs if k in r] or [math.nan]     # --diag-every N: exact KLs every N steps
     if train:
-        lines += [f"| train {k} | {train[0][k]:.4f} | {sum(r[k] for r in tail) / len(tail):.4f} |"
+        lines += [f"| train {k} | {has(train, k)[0]:.4f} | {sum(has(tail, k)) / len(has(tail, k)):.4f} |"
                   for _, keys in panels for k in keys]
         lines.append(f"| seconds per step (mean) | | {sum(r['time_step'] for r in train) / len(train):.2f} |")
     print("\n".join(lines))
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    steps, w = [r["step"] for r in train], max(1, len(train) // 20)
+    w = max(1, len(train) // 20)
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
-            raw = [r[key] for r in train]
+            steps, raw = [r["step"] for r in train if key in r], [r[key] for r in train if key in r]
             smooth = [sum(raw[max(0, i - w + 1):i + 1]) / len(raw[max(0, i - w + 1):i + 1]) for i in range(len(raw))]
             line, = ax.plot(steps, raw, alpha=0.3, lw=0.8)
             ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of {w})" if w > 1 else key)

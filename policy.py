@@ -256,9 +256,12 @@ def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=512):
     over the (M, H) hidden states of real completion tokens under π and π_ref. Only the LM head runs here: the
     decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass)."""
     sums = torch.zeros(3, dtype=torch.float64)
+    # only an adapter on the LM head itself changes it ("all-linear" leaves it out); a toggle costs ~6 ms per chunk
+    head_adapted = isinstance(model.get_output_embeddings(), LoraLayer)
+    reference = model.disable_adapter if head_adapted else contextlib.nullcontext
     for i in range(0, len(h), chunk):
         logits = _logits(model, h[i:i + chunk])                            # (n, V)
-        with model.disable_adapter():                                      # an adapter may also cover the LM head
+        with reference():
             ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
         reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
         sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()

@@ -4,7 +4,8 @@ Each notebook is executed from a fresh kernel in its fast mode (NOTEBOOK_FAST=1:
 sequence lengths, the same code), as a reader's Jupyter would run it: working directory notebooks/, kernel
 "python3" (the interpreter running pytest, through ipykernel). A cell that raises fails the test with the
 cell's traceback; a notebook that draws no figure (no image/png output) fails too. Nothing is written back:
-the committed notebooks keep the outputs of their full-size run.
+the committed notebooks keep the outputs of their full-size run. TMPDIR points the kernel's run folders
+(tempfile.mkdtemp in the notebooks) into pytest's tmp_path, which pytest cleans up.
 """
 import glob
 import os
@@ -23,8 +24,9 @@ def test_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_in_fast_mode(path, monkeypatch):
+def test_notebook_runs_in_fast_mode(path, monkeypatch, tmp_path):
     monkeypatch.setenv("NOTEBOOK_FAST", "1")          # the kernel inherits the environment
+    monkeypatch.setenv("TMPDIR", str(tmp_path))       # the notebooks' run folders land in tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(path, as_version=4)

@@ -106,7 +106,7 @@ def force_length():
 
     def fixed(self, *args, **kwargs):
         if kwargs.get("max_new_tokens"):
-            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+            kwargs.update(min_new_tokens=kwargs["max_new_tokens"], min_length=None)   # one lower bound, no warning
         return generate(self, *args, **kwargs)
     GenerationMixin.generate = fixed
 

@@ -1,0 +1,138 @@
+"""run_folder.py -- what a run folder holds, written and read back: checkpoints, metrics.jsonl, the report.
+
+    <run>/config.json      the Config of train.py (written by train.start_run)
+    <run>/metrics.jsonl    one record per step ("type": "train") and per held-out evaluation ("type": "eval")
+    <run>/checkpoint/      the peft adapter + state.pt (optimizer, RNG states, step, async snapshots), written to
+                           checkpoint.tmp and renamed into place, so a crash leaves checkpoint or checkpoint.old
+    <run>/metrics.png      the main curves, and a markdown summary on stdout (report)
+
+state.pt holds tensors and plain values only and is read with weights_only=True: a run folder is data that a user
+may have been handed, never code to execute. Kept apart from train.py so the training loop reads as the recipe.
+"""
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out, model, optimizer, step, snapshots):
+    """<out>/checkpoint = peft adapter + state.pt, written to a temporary folder and renamed into place."""
+    tmp, final, old = (os.path.join(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "snapshots": list(snapshots)},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run):
+    """The last complete checkpoint (a crash between the two renames leaves checkpoint.old)."""
+    final = os.path.join(run, "checkpoint")
+    return final if os.path.isfile(os.path.join(final, "state.pt")) else os.path.join(run, "checkpoint.old")
+
+
+def read_state(run):
+    """state.pt of the run's last checkpoint. weights_only: a run folder is data, never code to execute."""
+    path = os.path.join(checkpoint_dir(run), "state.pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
+                         f"({str(e).strip().splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is unreadable or truncated ({str(e).strip().splitlines()[0][:120]})") from None
+
+
+def last_checkpoint(out):
+    try:
+        return f"last good checkpoint: {checkpoint_dir(out)} (step {read_state(out)['step']})"
+    except ValueError:
+        return "no checkpoint was written yet (see --save-every)"
+
+
+def restore(state, optimizer, snapshots, metrics_path):
+    """Load state.pt into the optimizer, the async snapshots and the RNGs; -> the step to continue from."""
+    optimizer.load_state_dict(state["optimizer"])
+    snapshots.extend(state["snapshots"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["rng"]["python"]))
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] < state["step"]] \
+        if os.path.isfile(metrics_path) else []
+    open(metrics_path, "w").writelines(kept)
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary table and curves
+# ---------------------------------------------------------------------------------------------------------
+def read_metrics(run, kind=None):
+    """The records of <run>/metrics.jsonl, optionally only one "type" ("train" or "eval")."""
+    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return recs if kind is None else [r for r in recs if r["type"] == kind]
+
+
+def report(out):
+    """Markdown summary on stdout and the main curves in metrics.png, both from metrics.jsonl.
+
+    Single steps are noisy: the summary gives the first step next to the mean over the last 10% of steps (the
+    README's tables use the same), and the plot draws a moving average over the raw curve."""
+    from matplotlib.figure import Figure                     # no pyplot: a notebook's backend is left alone
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    recs = read_metrics(out)
+    train = [r for r in recs if r["type"] == "train"]
+    evals = {}                                               # "task greedy_acc" -> [(step, value), ...]
+    for r in (r for r in recs if r["type"] == "eval"):
+        for key in (k for k in r if k.endswith("_acc")):
+            evals.setdefault(f"{r['task']} {key}", []).append((r["step"], r[key]))
+    tail = train[-max(1, len(train) // 10):]
+    lines = [f"| metric | first step | mean of the last {len(tail)} steps |", "|---|---|---|"]
+    lines += [f"| held-out {name} (step {v[0][0]} -> {v[-1][0]}) | {v[0][1]:.3f} | {v[-1][1]:.3f} (final) |"
+              for name, v in evals.items()]
+    panels = [("train reward", ["reward"]), ("sequence KL estimates", ["kl_k1", "kl_k3"]),
+              ("exact token KL", ["token_rkl", "token_fkl"]), ("policy entropy", ["entropy"]),
+              ("completion length", ["completion_len"]),
+              ("KL in the loss / in the reward", ["kl_term", "kl_penalty"]), ("grad norm", ["grad_norm"])]
+    has = lambda rs, k: [r[k] for r in rs if k in r] or [math.nan]     # --diag-every N: exact KLs every N steps
+    if train:
+        lines += [f"| train {k} | {has(train, k)[0]:.4f} | {sum(has(tail, k)) / len(has(tail, k)):.4f} |"
+                  for _, keys in panels for k in keys]
+        lines.append(f"| seconds per step (mean) | | {sum(r['time_step'] for r in train) / len(train):.2f} |")
+    print("\n".join(lines))
+    fig = Figure(figsize=(16, 7))
+    axes = fig.subplots(2, 4)
+    w = max(1, len(train) // 20)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, raw = [r["step"] for r in train if key in r], [r[key] for r in train if key in r]
+            smooth = [sum(raw[max(0, i - w + 1):i + 1]) / len(raw[max(0, i - w + 1):i + 1]) for i in range(len(raw))]
+            line, = ax.plot(steps, raw, alpha=0.3, lw=0.8)
+            ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of {w})" if w > 1 else key)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=8)
+    for name, v in evals.items():
+        axes.flat[-1].plot(*zip(*v), marker="o", label=name)
+    axes.flat[-1].set(title="held-out accuracy", xlabel="step")
+    axes.flat[-1].legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(out))}: --kl {cfg['kl']}, β = {cfg['beta']}, lr = {cfg['lr']}, "
+                 f"--adv {cfg['adv']}, G = {cfg['group_size']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "metrics.png"), dpi=80)
+    print(f"run folder: {out}  (config.json, metrics.jsonl, metrics.png, checkpoint/)")

@@ -68,15 +68,18 @@ def test_summary_averages_the_last_tenth_of_steps_and_the_plot_is_titled(tmp_pat
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(40):   # reward = step: first 0, the last 4 steps (10%) average 37.5
             f.write(json.dumps({"type": "train", "step": step, **{k: float(step) for k in keys}}) + "\n")
-    titles = []
+    titles, legends = [], []
     import matplotlib.figure
     save = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda fig, *a, **k: (titles.append(fig._suptitle.get_text()), save(fig, *a, **k)))
+                        lambda fig, *a, **k: (titles.append(fig._suptitle.get_text()), legends.extend(
+                            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()),
+                                              save(fig, *a, **k)))
     train.report(str(tmp_path))
     out = capsys.readouterr().out
     assert "| train reward | 0.0000 | 37.5000 |" in out and "mean of the last 4 steps" in out
     assert "--kl k3-in-loss" in titles[0] and "β = 0.3" in titles[0] and "lr = 0.01" in titles[0]
+    assert "reward (mean of 2)" in legends                   # 40 steps: a 2-step moving average over the raw curve
 
 
 # ---------------------------------------------------------------------------------------------------------

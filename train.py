@@ -26,7 +26,7 @@ Commands
   python train.py --preset paper-onpolicy --kl k3-in-reward --beta 0.1     # β grid of §4.1: 0, 0.05, 0.1, 0.3, 1
   python train.py --preset paper-async --kl k1-in-reward
   python train.py --resume runs/NAME --steps 500                           # continue from the last checkpoint
-  python eval.py --adapter runs/NAME --tasks arith,arith_ood                # pass@k with bootstrap CIs
+  python eval.py --adapter runs/NAME --tasks arith,arith_spaced             # pass@k with bootstrap CIs
 Outputs in --out: config.json, metrics.jsonl (one "train" record per step, "eval" records), metrics.png,
 checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async snapshots).
 

@@ -162,7 +162,7 @@ def kl_loss_term(logp, ref_logp, mask, kl, rho, log_rho=None):
     """Differentiable KL term for the loss, summed over each completion: (N,) per sequence.
 
     Summing (not averaging) over tokens makes it an estimate of the *sequence* KL, not KL/|y|.
-    rho: the token importance ratio ρ_t = π_θ/μ, in the graph (kl_rl.importance_ratio). kl.weight picks the
+    rho: the token importance ratio ρ_t = π_θ/μ, in the graph (exp of kl_rl.log_importance_ratio). kl.weight picks the
     off-policy weight on k_t:
       "none"   1         (GRPO as written)
       "rho"    ρ_t       with gradient through ρ  (use with k3: RPG / DeepSeek-V3.2)

@@ -10,7 +10,7 @@ configuration's expected gradient equals is the table at the top of estimators.p
     loss.backward()
 
   shaped_advantages   task rewards + the detached in-reward KL -> RLOO / Dr. GRPO / GRPO advantages
-  importance_ratio    ρ_t = π_θ/μ per token, kept in the graph (on-policy μ = sg(π_θ): ρ ≡ 1 but ∇ρ = ∇log π)
+  log_importance_ratio  log ρ_t = log π_θ/μ per token, in the graph (on-policy μ = sg(π_θ): ρ ≡ 1, ∇ρ = ∇log π)
   policy_loss         −Σ clip(ρ)·A + β·Σ w·k, summed over tokens and divided by a constant
   prefix_weight_metrics  mean / max / ESS of the prefix weights W_{1:t} = Π ρ (logged when --kl-is prefix)
   rl_loss             both in one call;  seq_kl_values: the three sequence estimates, for logging
@@ -79,14 +79,9 @@ def shaped_advantages(rewards, logp, ref_logp, mask, group_size, beta, kl, adv="
 #   Dividing by a constant (not by each completion's length) keeps Σ_t k_t a *sequence* KL; with
 #   token_budget = 1 the loss is the per-sequence objective averaged over sequences; with token_budget =
 #   max_new_tokens it is Dr. GRPO's constant. Either constant only rescales the whole gradient.
-def importance_ratio(logp, behav_logp=None):
-    """ρ_t = π_θ(y_t|s_t) / μ(y_t|s_t): (n, T), in the graph. μ = the behaviour policy that sampled y
-    (--async-level), or sg(π_θ) on-policy, where ρ ≡ 1 in value but ∇ρ = ∇log π still flows."""
-    return torch.exp(log_importance_ratio(logp, behav_logp))
-
-
 def log_importance_ratio(logp, behav_logp=None):
-    """log ρ_t = log π_θ − log μ: (n, T), in the graph (0 in value on-policy, gradient ∇log π)."""
+    """log ρ_t = log π_θ(y_t|s_t) − log μ(y_t|s_t): (n, T), in the graph. μ = the behaviour policy that sampled y
+    (--async-level), or sg(π_θ) on-policy, where ρ ≡ 1 in value but ∇ρ = ∇log π still flows."""
     return logp - (logp.detach() if behav_logp is None else behav_logp)
 
 

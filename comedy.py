@@ -31,6 +31,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from run_folder import moving_average, read_metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
 IN, OOD = "arith", "arith_spaced"
@@ -84,16 +86,12 @@ def run_one(args, arm, beta, seed):
 # ---------------------------------------------------------------------------------------------------------
 # One run -> one line of runs.jsonl
 # ---------------------------------------------------------------------------------------------------------
-def moving_average(xs, w=5):
-    return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
-
-
 def run_record(folder, arm, beta, seed):
     cfg = json.load(open(os.path.join(folder, "config.json")))
-    train = [r for r in map(json.loads, open(os.path.join(folder, "metrics.jsonl"))) if r["type"] == "train"]
+    train = read_metrics(folder, "train")
     ev = json.load(open(os.path.join(folder, "eval.json")))["tasks"]
     tail = train[-max(1, len(train) // 10):]                             # the last 10% of steps
-    reward = moving_average([r["reward"] for r in train])
+    reward = moving_average([r["reward"] for r in train], 5)
     peak, drop = -math.inf, 0.0
     for r in reward:                                                     # largest fall from the running maximum
         peak = max(peak, r)
@@ -208,7 +206,7 @@ def summary(recs, betas, base, command, wall):
         m, h = mean_ci(xs)
         return f"{m:.3f}" if math.isnan(h) else f"{m:.3f} ± {h:.3f}"
     seeds = sorted({r["seed"] for r in recs})
-    lines = [f"# The paper's claims at toy scale", "",
+    lines = ["# The paper's claims at toy scale", "",
              f"`{command}` — {len(recs)} runs ({len(seeds)} seed{'s' * (len(seeds) > 1)}), {wall}. Mean ± 95% CI half-width over seeds; "
              f"accuracy on {base['n']} held-out problems per task; KLs and entropy are means over the last 10% of "
              f"training steps. Base model before RL: in-domain greedy {base['in']:.3f}, OOD greedy {base['ood']:.3f}.",
@@ -241,15 +239,14 @@ def curves(out, folders, betas):
             ax = axes[i, j]
             for arm in ARMS:
                 runs = [f for (a, b, _), f in folders.items() if a == arm and (b == beta or a == "none")]
-                series = [[r[key] for r in map(json.loads, open(os.path.join(f, "metrics.jsonl")))
-                           if r["type"] == "train"] for f in runs]
+                series = [[r[key] for r in read_metrics(f, "train")] for f in runs]
                 if not series:
                     continue
                 for s in series:
-                    ax.plot(moving_average(s), color=colors[arm], lw=0.5, alpha=0.35)
+                    ax.plot(moving_average(s, 5), color=colors[arm], lw=0.5, alpha=0.35)
                 n = min(map(len, series))
                 mean = [sum(s[t] for s in series) / len(series) for t in range(n)]
-                ax.plot(moving_average(mean), color=colors[arm], lw=2, label=arm)
+                ax.plot(moving_average(mean, 5), color=colors[arm], lw=2, label=arm)
             ax.set(title=f"{title}, β = {beta:g}", xlabel="step")
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)

@@ -83,6 +83,11 @@ def restore(state, optimizer, snapshots, metrics_path):
 # ---------------------------------------------------------------------------------------------------------
 # Summary table and curves
 # ---------------------------------------------------------------------------------------------------------
+def moving_average(xs, w):
+    """Trailing mean over the last w values (fewer at the start), the same length as xs."""
+    return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+
+
 def read_metrics(run, kind=None):
     """The records of <run>/metrics.jsonl, optionally only one "type" ("train" or "eval")."""
     recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
@@ -122,9 +127,8 @@ def report(out):
     for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             steps, raw = [r["step"] for r in train if key in r], [r[key] for r in train if key in r]
-            smooth = [sum(raw[max(0, i - w + 1):i + 1]) / len(raw[max(0, i - w + 1):i + 1]) for i in range(len(raw))]
             line, = ax.plot(steps, raw, alpha=0.3, lw=0.8)
-            ax.plot(steps, smooth, color=line.get_color(), label=f"{key} (mean of {w})" if w > 1 else key)
+            ax.plot(steps, moving_average(raw, w), color=line.get_color(), label=f"{key} (mean of {w})" if w > 1 else key)
         ax.set(title=title, xlabel="step")
         ax.legend(fontsize=8)
     for name, v in evals.items():

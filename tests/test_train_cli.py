@@ -4,7 +4,6 @@ Runs use a tiny random Llama and 2 steps; most call train.main() in-process."""
 import builtins
 import json
 import os
-import runpy
 import subprocess
 import sys
 import zlib

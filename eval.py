@@ -126,7 +126,7 @@ def generate_records(model, tok, name, examples, args):
                 "length": int(out["completion_mask"][r].sum()), "truncated": bool(out["truncated"][r])}
     for b in tqdm(range(0, len(examples), bs), desc=name, unit="batch", disable=None):
         exs = examples[b:b + bs]
-        prompts = [build_prompt(tok, ex["question"]) for ex in exs]
+        prompts = [build_prompt(tok, ex["question"], args.prompt_format, args.thinking) for ex in exs]
         seed = args.seed * 1_000_003 + b          # seed per batch: the same --seed and --batch-size reproduce all
         with torch.no_grad():
             g = rollout(model, tok, prompts, 1, args.max_new_tokens, 0.0, seed=seed)
@@ -143,7 +143,11 @@ def generate_records(model, tok, name, examples, args):
 # One evaluation: resolve model/adapter, run every task, write the JSON
 # ---------------------------------------------------------------------------------------------------------
 def local(m):
-    """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file."""
+    """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file; a short
+    name such as smollm2-135m (real_model.py) is its converted folder."""
+    from real_model import MODELS, folder
+    if m in MODELS:
+        return folder(m)
     return os.path.join(HERE, m) if m and not os.path.isdir(m) and os.path.isdir(os.path.join(HERE, m)) else m
 
 
@@ -177,8 +181,17 @@ def resolve(args):
         base = json.load(open(os.path.join(a, "adapter_config.json"))).get("base_model_name_or_path")
         run_cfg = os.path.join(os.path.dirname(os.path.abspath(a)), "config.json")
         if os.path.isfile(run_cfg):
-            run_model = json.load(open(run_cfg)).get("model")
-    args.model = local(args.model or run_model or base or TINY)
+            run = json.load(open(run_cfg))
+            run_model = run.get("model")
+            if args.prompt_format is None:                  # prompts as the run was trained on them
+                args.prompt_format = run.get("prompt_format", "auto")
+            if args.thinking is None:
+                args.thinking = bool(run.get("thinking", False))
+    args.prompt_format, args.thinking = args.prompt_format or "auto", bool(args.thinking)
+    try:
+        args.model = local(args.model or run_model or base or TINY)
+    except ValueError as e:                                  # real_model.ModelError: package missing, wrong file
+        die(str(e))
     if base and not same_model(base, args.model):
         die(f"adapter {args.adapter} was trained on base model {base!r}, not {args.model!r} (omit --model to use it)")
     if args.model == TINY and not os.path.isdir(TINY):
@@ -353,6 +366,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (rows = this × samples)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style NF4 base weights (bitsandbytes)")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default=None,
+                   help="chat template or the plain question (default: the run's, else auto = chat if there is one)")
+    p.add_argument("--thinking", action="store_true", default=None,
+                   help="let a template that supports it think (default: the run's, else off)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                    help="local .jsonl/.parquet for a data-set task (offline machines), e.g. math500=m500.jsonl")
     p.add_argument("--bootstrap", type=int, default=1000, help="number of bootstrap resamples")

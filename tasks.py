@@ -2,7 +2,7 @@
 
     load_task(name, split="train", n=None, seed=0, path=None) -> list of {"question": str, "answer": str, ...}
     reward(name, completion, example) -> 1.0 if the completion solves the example else 0.0 (never executes text)
-    build_prompt(tokenizer, question) -> the prompt string given to the model
+    build_prompt(tokenizer, question, fmt="auto") -> the prompt string given to the model (chat template or plain)
 
     exs = load_task("math500", "test", n=50)
     prompts = [build_prompt(tok, ex["question"]) for ex in exs]
@@ -16,6 +16,12 @@ Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed 
   arith_spaced  the same 500 held-out pairs as arith written "{a} + {b} =": a surface form that made up a quarter
              of the tiny model's pretraining rows but never appears in RL training (train.py trains on arith);
              the out-of-domain split of comedy.py.
+  arith_q    arith's 500 held-out pairs (and a train stream without them) asked as an instruct model is asked:
+             "What is {a} + {b}? Answer with just the number." The real model's task (real_model.py, --preset
+             smollm2-cpu): SmolLM2-135M-Instruct answers 0.125 of them greedily (it talks), "a+b=" 0.05.
+  mul_q      "What is {a} times {b}? Answer with just the number." for a, b in [0, 12]: all 169 are the test set
+             (no train split). The real model's out-of-domain check: a skill it has (greedy 0.63) that RL on
+             arith_q never trains, so a drop measures what the update broke elsewhere.
   countdown  3 or 4 numbers in [1, 30] and a target in [1, 200] built from a random expression over all of them,
              so every problem is solvable; answer = that reference expression (plus "numbers" and "target").
              The model must put an expression using + - * / and parentheses, each number exactly once, inside
@@ -37,7 +43,7 @@ For the train split of a data set the rows are shuffled with `seed`; test keeps 
 A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
 
 Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
-  arith, arith_ood, arith_spaced  the last integer (-?[0-9]+) in the completion equals the answer.
+  arith, arith_ood, arith_spaced, arith_q, mul_q  the last integer (-?[0-9]+) in the completion equals the answer.
   countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
              exactly (Fractions) to the target. Whitespace and line breaks in it are free; at most CD_MAX_CHARS = 1000
              other characters.
@@ -68,6 +74,8 @@ TASKS = {
     "arith": "a+b= with a, b in [0, 99] (synthetic; the tiny model's pretraining task)",
     "arith_ood": "a+b= with a, b in [100, 999] (synthetic; out of domain for a model trained on arith)",
     "arith_spaced": "a + b = with a, b in [0, 99] (synthetic; arith's test pairs in a rarer surface form)",
+    "arith_q": "What is a + b? with a, b in [0, 99] (synthetic; arith's test pairs, asked in words: real models)",
+    "mul_q": "What is a times b? with a, b in [0, 12] (synthetic, test only; out of domain for arith_q)",
     "countdown": "reach a target from 3-4 numbers with + - * / (synthetic; expression in <answer></answer>)",
     "math": "MATH (Hendrycks) competition problems, answer in \\boxed{} (hub or local file)",
     "math500": "MATH-500 test problems, answer in \\boxed{} (hub or local file)",
@@ -116,7 +124,12 @@ def load_task(name, split="train", n=None, seed=0, path=None):
 def _synthetic(name, split, n, seed):
     """A fixed held-out test set and a seeded train stream that never contains a test problem."""
     lo, hi = (100, 999) if name == "arith_ood" else (0, 99)
-    form = "{} + {} =" if name == "arith_spaced" else "{}+{}="
+    form = {"arith_spaced": "{} + {} =", "arith_q": "What is {} + {}? Answer with just the number."}.get(name, "{}+{}=")
+    if name == "mul_q":                                     # the whole times table up to 12 is the test set
+        if split != "test":
+            raise TaskError("mul_q is an evaluation task (its 169 problems are all held out): use it in --eval-tasks")
+        return [{"question": f"What is {a} times {b}? Answer with just the number.", "answer": str(a * b)}
+                for a in range(13) for b in range(13)][:n]
 
     def make(rng):
         if name == "countdown":
@@ -127,7 +140,7 @@ def _synthetic(name, split, n, seed):
     def key(ex):  # countdown: the same numbers in another order with the same target are the same problem
         return (tuple(sorted(ex["numbers"])), ex["target"]) if "numbers" in ex else ex["question"]
 
-    if name in ("arith", "arith_spaced"):  # one fixed shuffle of all pairs: the shipped model never saw these 500
+    if name in ("arith", "arith_spaced", "arith_q"):  # one fixed shuffle of all pairs: the shipped model never saw these 500
         pairs = [(a, b) for a in range(100) for b in range(100)]
         random.Random("arith-False-0").shuffle(pairs)
         test = [{"question": form.format(a, b), "answer": str(a + b)} for a, b in pairs[:N_TEST]]
@@ -245,7 +258,7 @@ def reward(name, completion, example):
         raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
     if not isinstance(completion, str):
         return 0.0
-    if name in ("arith", "arith_ood", "arith_spaced"):
+    if name in ("arith", "arith_ood", "arith_spaced", "arith_q", "mul_q"):
         # the last integer ("12+5=17", "The sum is 17."); [0-9], as \d also matches "١٧", which int() reads as 17
         ints = re.findall(r"-?[0-9]+", completion)
         return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))
@@ -453,10 +466,46 @@ def mmlu_letter(text):
     return None
 
 
-def build_prompt(tokenizer, question):
-    """The model's prompt: the chat template with a generation prompt if the tokenizer has one, else the question.
-    tokenize=False always: with tokenize=True transformers 5 returns a dict, not ids."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-    return question
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def build_prompt(tokenizer, question, fmt="auto", thinking=False):
+    """The model's prompt for one question (a string; tokenize=False always: with tokenize=True transformers 5
+    returns a dict, not ids).
+    fmt "chat": the tokenizer's chat template with a generation prompt (an instruct model's own format);
+    "plain": the question as it is (a base model: Qwen2.5-7B base ships a ChatML template it was never tuned on);
+    "auto": chat if the tokenizer has a template, else plain.
+    thinking=False passes enable_thinking=False to a template that takes it (a Qwen3 hybrid thinks by default and
+    would spend --max-new-tokens inside <think>)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if fmt not in PROMPT_FORMATS:
+        raise TaskError(f"unknown prompt format {fmt!r}; choose from: {', '.join(PROMPT_FORMATS)}")
+    if fmt == "plain" or (fmt == "auto" and not template):
+        return question
+    if not template:
+        raise TaskError("--prompt-format chat: this tokenizer has no chat template (use plain)")
+    extra = {"enable_thinking": thinking} if "enable_thinking" in str(template) else {}
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True, **extra)
+
+
+def end_of_turn_ids(tokenizer):
+    """The special tokens the chat template writes right after an assistant message (<|im_end|> for ChatML,
+    <|eot_id|> for Llama 3): a completion ends there even when the model's config lists only another EOS (Qwen2.5
+    base: <|endoftext|>). Found by rendering a one-turn conversation, so no model needs a hand-written list."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    mark = "kl-rl-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="},
+                                              {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:                                       # a template that refuses this conversation shape
+        return []
+    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = []
+    for i in tokenizer(after, add_special_tokens=False)["input_ids"]:   # the leading run of special tokens
+        if i not in special:
+            break
+        ids.append(i)
+    return ids

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from run_folder import checkpoint_dir, last_checkpoint, read_state, report, restore, save_checkpoint
-from tasks import TASKS, TaskError, build_prompt, load_task, reward
+from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft/transformers version noise
@@ -81,6 +81,10 @@ class Config:
                      choices=("auto", "fp32", "bf16"))
     task: str = arg("arith", "training task", TASK, choices=tuple(TASKS))
     data_path: str = arg(None, "local data file for the task (jsonl/parquet)", TASK, type=str)
+    prompt_format: str = arg("auto", "chat: the tokenizer's chat template (instruct models); plain: the question as "
+                             "text (base models); auto: chat if the tokenizer has a template", TASK,
+                             choices=PROMPT_FORMATS)
+    thinking: bool = arg(False, "let a template that supports it think (Qwen3 hybrids: enable_thinking)", TASK)
     eval_tasks: tuple = arg((), "held-out tasks (test splits; default: the training task's)", TASK, nargs="*",
                             choices=tuple(TASKS), type=str)
     eval_data: tuple = arg((), "local files for held-out data-set tasks, e.g. math500=MATH-500.jsonl", TASK,
@@ -258,14 +262,15 @@ def load_data(cfg):
             raise TaskError(f"task {name!r} has no examples")
     from policy import check_model_source
     from transformers import AutoConfig, AutoTokenizer
-    check_model_source(cfg.model)
+    source = check_model_source(cfg.model)                  # a short name (smollm2-135m) -> its converted folder
     try:
-        tok, model_cfg = AutoTokenizer.from_pretrained(cfg.model), AutoConfig.from_pretrained(cfg.model)
+        tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
     except OSError as e:                                     # hub id not cached offline, no access, no such repo
         raise OSError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
     context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
     questions = [ex["question"] for rows in (train, *held_out.values()) for ex in rows]
-    longest = max(len(ids) for ids in tok([build_prompt(tok, q) for q in questions])["input_ids"])
+    longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
+                                           for q in questions])["input_ids"])
     if context and longest + cfg.max_new_tokens > context:
         raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
                          f"model's context of {context} tokens")
@@ -283,7 +288,7 @@ def evaluate(model, tok, cfg, held_out, step):
     records = []
     for name, rows in held_out.items():
         rec = {"type": "eval", "step": step, "task": name, "n": len(rows)}
-        prompts = [build_prompt(tok, ex["question"]) for ex in rows]
+        prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in rows]
         for mode in cfg.eval_modes:
             ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
                          seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
@@ -375,7 +380,7 @@ def main(argv=None):
         rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
         batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
             rng.choices(train_set, k=cfg.prompts_per_step)
-        prompts = [build_prompt(tok, ex["question"]) for ex in batch]
+        prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in batch]
         model.eval()                                         # generate and no-grad passes: no dropout, KV cache on
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))

@@ -11,6 +11,8 @@
 state.pt holds tensors and plain values only and is read with weights_only=True: a run folder is data that a user
 may have been handed, never code to execute. Kept apart from train.py so the training loop reads as the recipe.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -112,6 +114,57 @@ def local(path, root=None):
     if path and not os.path.isabs(path) and os.path.exists(os.path.join(root or REPO, path)):
         return os.path.join(root or REPO, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------------------
+_held = {}                                                   # run folder -> this process's open, locked .lock file
+
+
+def lock_run(out):
+    """Make `out` if needed and take its one-writer lock: an exclusive flock on <out>/.lock (which holds the holder's
+    PID), kept until this process exits; the OS releases it, so even kill -9 leaves no stale lock. Taken before
+    anything in the folder is read or written. -> the folders it created, for release_run. Held by another process:
+    ValueError naming the folder and that process's PID."""
+    made, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _held:                                         # this process's earlier run there (an in-process caller)
+        _held.pop(key).close()
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"run folder {out} is in use by another process (PID {pid}); one writer per run folder: "
+                         f"wait for it to end or pick another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[key] = f
+    return made
+
+
+def release_run(out, made):
+    """Undo lock_run after a failed start: remove the folders it made (they hold only .lock), then drop the lock."""
+    f = _held.pop(os.path.realpath(out), None)
+    if made:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, ".lock"))
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+    if f:
+        f.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

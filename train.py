@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, model_identity, portable, read_state,
-                        report, restore, save_checkpoint)
+from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, model_identity, portable,
+                        read_state, release_run, report, restore, save_checkpoint)
 from tasks import TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -252,12 +252,19 @@ def check_config(cfg):
         raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
+    check_out(cfg, cfg.resume or cfg.out)
+    return kl
+
+
+def check_out(cfg, out):
+    """The run folder may be written: checked early, and again under its lock (a run may have finished meanwhile)."""
+    if not out:
+        return
     if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
         raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
     states = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # a crash can leave any of them
-    if not cfg.resume and cfg.out and any(os.path.exists(os.path.join(cfg.out, n)) for n in states):
-        raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
-    return kl
+    if not cfg.resume and any(os.path.exists(os.path.join(out, n)) for n in states):
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
 
 
 def load_data(cfg):
@@ -310,29 +317,35 @@ def evaluate(model, tok, cfg, held_out, step):
 
 def start_run(cfg, argv):
     """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's).
-    Everything that can fail on bad input (the checkpoint, the model files, the run folder) is tried before the
-    run folder is written, so a failed start loses nothing."""
+    The run folder is locked first (one writer; held until the process exits). Everything that can fail on bad input
+    (the checkpoint, the model files, the run folder) is tried before the run folder is written, so a failed start
+    loses nothing and leaves no folder it made."""
     from policy import load_policy
     if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(cfg.threads)
-    state = read_state(cfg.resume) if cfg.resume else None
-    if state:                                                # provenance is written once, when the run starts
-        saved = json.load(open(os.path.join(cfg.resume, "config.json")))
-        provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
-        now = model_identity(cfg.model)
-        if provenance["model_id"] and now != provenance["model_id"]:
-            raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
-                             f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
-    torch.manual_seed(cfg.seed)                              # LoRA initialisation
-    try:
-        model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                                 lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
-    except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
-        raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
-    os.makedirs(out, exist_ok=True)
+    made = lock_run(out)                                     # one writer per run folder, before anything is read
+    try:
+        check_out(cfg, out)
+        state = read_state(cfg.resume) if cfg.resume else None
+        if state:                                            # provenance is written once, when the run starts
+            saved = json.load(open(os.path.join(cfg.resume, "config.json")))
+            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
+            now = model_identity(cfg.model)
+            if provenance["model_id"] and now != provenance["model_id"]:
+                raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
+                                 f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
+        torch.manual_seed(cfg.seed)                          # LoRA initialisation
+        try:
+            model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                     lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
+                                     adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
+        except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
+            raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
+    except BaseException:
+        release_run(out, made)                               # a failed start leaves no folder behind
+        raise
     commit, dirty = code_version()
     if not state:
         provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model)}

@@ -1,10 +1,12 @@
 """A run folder nobody can corrupt (issue 17): provenance (code version, base model identity, portable paths), one
 writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
 one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +104,40 @@ def test_resume_refuses_another_base_model(model, tmp_path, capsys):
     line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "3"])
     assert recorded and recorded in line and run_folder.model_identity(str(model)) in line
     assert (out / "config.json").read_text() == before and not (out / "resumes.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. One writer per run folder
+# ---------------------------------------------------------------------------------------------------------
+def test_two_processes_on_one_folder_one_wins(model_dir, tmp_path):
+    """The issue's reproduction: two train.py started at once on one --out (a double-submitted job)."""
+    out = tmp_path / "race"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out", str(out),
+                               *SMALL, "--steps", "4", "--save-every", "1", "--seed", str(seed)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    results = [(p.wait(300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    (winner, _), (_, (_, err)) = sorted(zip((1, 2), results), key=lambda x: x[1][0])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and str(out) in lines[0], err
+    assert "in use by another process (PID " in lines[0] or "already holds a run" in lines[0]
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]          # every line parses
+    assert [r["step"] for r in recs if r["type"] == "train"] == list(range(4))    # one run, each step once
+    assert json.load(open(out / "config.json"))["seed"] == winner
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_held_lock_is_one_line_naming_the_holder_and_nothing_is_written(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:                                 # another writer (this test) holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
+        assert f"PID {os.getpid()}" in line and str(out) in line
+        assert os.listdir(out) == [".lock"]

@@ -1,6 +1,8 @@
 """run_folder.py -- what a run folder holds, written and read back: checkpoints, metrics.jsonl, the report.
 
-    <run>/config.json      the Config of train.py (written by train.start_run)
+    <run>/config.json      the Config of train.py (written by train.start_run), its paths relative to the repository
+                           root when they lie inside it, plus provenance written once, when the run starts:
+                           code_commit / code_dirty (code_version) and model_id (model_identity)
     <run>/metrics.jsonl    one record per step ("type": "train") and per held-out evaluation ("type": "eval")
     <run>/checkpoint/      the peft adapter + state.pt (optimizer, RNG states, step, async snapshots), written to
                            checkpoint.tmp and renamed into place, so a crash leaves checkpoint or checkpoint.old
@@ -9,14 +11,164 @@
 state.pt holds tensors and plain values only and is read with weights_only=True: a run folder is data that a user
 may have been handed, never code to execute. Kept apart from train.py so the training loop reads as the recipe.
 """
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
 import pickle
 import random
 import shutil
+import struct
+import subprocess
 
 import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))          # the checkout train.py runs from
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provenance: which code and which base model a run folder came from
+# ---------------------------------------------------------------------------------------------------------
+def code_version(repo=None):
+    """(commit, dirty) of the git checkout at `repo`: dirty = a tracked .py file differs from the commit.
+    (None, None) without git, outside a repository or when git is slow: provenance must never stop a run."""
+    def git(*args):
+        return subprocess.run(["git", "-C", repo or REPO, *args], capture_output=True, text=True, timeout=5)
+    try:
+        sha = git("rev-parse", "--verify", "HEAD")
+        if sha.returncode:
+            return None, None
+        status = git("status", "--porcelain", "--untracked-files=no", "--", "*.py")
+        return sha.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+def model_folder(model):
+    """The local folder of a model: the folder itself, a short name's converted folder (real_model.py), or a hub id's
+    snapshot in the Hugging Face cache (or None)."""
+    from real_model import resolve
+    model = resolve(model)
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:                                       # not a valid repo id, no cache: nothing to fingerprint
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def model_identity(model):
+    """A fingerprint of the base model (16 hex digits), or None if it has no local folder. Hashes the files that
+    loading reads (config, tokenizer, chat template) whole, and of each weight file its name, size, safetensors
+    header (names, dtypes, shapes, offsets) and 16 evenly spaced 4 KiB samples of its data: ~64 KiB read per
+    file, however big. A copied folder keeps its identity (no mtimes, no paths); an edited config or other weights of
+    the same shape (fine-tuned, re-initialised) change it, since they change nearly every sampled block."""
+    folder = model_folder(model)
+    try:
+        return _fingerprint(folder) if folder else None
+    except OSError:                                          # an unreadable file: no identity, not a crash
+        return None
+
+
+def _fingerprint(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name in MODEL_FILES or name.endswith(WEIGHT_FILES):
+            h.update(f"{name}\0{os.path.getsize(path)}\0".encode())
+        if name in MODEL_FILES or name.endswith(".index.json"):
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith(WEIGHT_FILES):
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                start = 0
+                if name.endswith(".safetensors") and size >= 8:
+                    n = struct.unpack("<Q", f.read(8))[0]      # safetensors: 8-byte length, then a JSON header
+                    h.update(f.read(min(n, 100_000_000)))
+                    start = 8 + n
+                for k in range(SAMPLES):
+                    f.seek(start + k * max(0, size - start - SAMPLE_BYTES) // (SAMPLES - 1))
+                    h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def portable(path, root=None):
+    """How config.json stores a path: relative to the repository root when it lies inside it (a committed run folder
+    must not carry the machine it ran on), else absolute; a hub id or a missing path unchanged."""
+    if not path or not os.path.exists(path):
+        return path
+    rel = os.path.relpath(os.path.abspath(path), root or REPO)
+    return os.path.abspath(path) if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
+def local(path, root=None):
+    """A stored path back to one that works from any working directory (portable's inverse)."""
+    if path and not os.path.isabs(path) and os.path.exists(os.path.join(root or REPO, path)):
+        return os.path.join(root or REPO, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------------------
+_held = {}                                                   # run folder -> this process's open, locked .lock file
+
+
+def lock_run(out):
+    """Make `out` if needed and take its one-writer lock: an exclusive flock on <out>/.lock (which holds the holder's
+    PID), kept until this process exits; the OS releases it, so even kill -9 leaves no stale lock. Taken before
+    anything in the folder is read or written. -> the folders it created, for release_run. Held by another process:
+    ValueError naming the folder and that process's PID."""
+    made, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _held:                                         # this process's earlier run there (an in-process caller)
+        _held.pop(key).close()
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"run folder {out} is in use by another process (PID {pid}); one writer per run folder: "
+                         f"wait for it to end or pick another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[key] = f
+    return made
+
+
+def release_run(out, made):
+    """Undo lock_run after a failed start: remove the folders it made (they hold only .lock), then drop the lock."""
+    f = _held.pop(os.path.realpath(out), None)
+    if made:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, ".lock"))
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+    if f:
+        f.close()
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints

@@ -27,8 +27,9 @@ Commands
   python train.py --preset paper-async --kl k1-in-reward
   python train.py --resume runs/NAME --steps 500                           # continue from the last checkpoint
   python eval.py --adapter runs/NAME --tasks arith,arith_spaced             # pass@k with bootstrap CIs
-Outputs in --out: config.json, metrics.jsonl (one "train" record per step, "eval" records), metrics.png,
-checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async snapshots).
+Outputs in --out: config.json (+ provenance: code_commit, code_dirty, model_id), metrics.jsonl (one "train" record
+per step, "eval" records), metrics.png, checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async
+snapshots).
 
 Memory levers for a 7B on one 24 GB GPU, and every flag grouped: README.md (Training).
 """
@@ -50,7 +51,8 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from run_folder import checkpoint_dir, last_checkpoint, read_state, report, restore, save_checkpoint
+from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, model_identity, portable,
+                        read_state, release_run, report, restore, save_checkpoint)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,6 +148,7 @@ PRESETS = {
 }
 
 
+PATHS = ("model", "data_path", "out", "resume")              # stored relative to the repository root (portable)
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
              "export")                                       # speed and logging only: cannot change the run
 EXAMPLES = """examples:
@@ -211,12 +214,24 @@ def resumed_config(given):
         die(f"--resume {run}: config.json is unreadable or corrupt (not a JSON object)")
     names = {f.name: f.default for f in fields(Config)}
     resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
+    resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
+
+    def same(v):                                             # a path as given here, or as stored, -> one form
+        if isinstance(v, (tuple, list)):
+            return eval_files(v, same) if v and "=" in str(v[0]) else tuple(v)
+        return os.path.abspath(local(v)) if isinstance(v, str) and os.path.exists(local(v)) else v
     for k, v in given.items():
         was = resumed.get(k, names[k])
-        if k not in RESUMABLE and (tuple(v) if isinstance(v, list) else v) != was:
+        if k not in RESUMABLE and same(v) != same(was):
             die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
                 f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
     return resumed
+
+
+def eval_files(items, f):
+    """--eval-data TASK=FILE items with f applied to each FILE (a malformed item is left for load_data to refuse)."""
+    return tuple(f"{t}={f(p)}" if sep else t for t, sep, p in (str(d).partition("=") for d in items))
 
 
 def check_config(cfg):
@@ -241,12 +256,19 @@ def check_config(cfg):
         raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
+    check_out(cfg, cfg.resume or cfg.out)
+    return kl
+
+
+def check_out(cfg, out):
+    """The run folder may be written: checked early, and again under its lock (a run may have finished meanwhile)."""
+    if not out:
+        return
     if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
         raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
     states = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # a crash can leave any of them
-    if not cfg.resume and cfg.out and any(os.path.exists(os.path.join(cfg.out, n)) for n in states):
-        raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
-    return kl
+    if not cfg.resume and any(os.path.exists(os.path.join(out, n)) for n in states):
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
 
 
 def load_data(cfg):
@@ -300,27 +322,47 @@ def evaluate(model, tok, cfg, held_out, step):
 
 def start_run(cfg, argv):
     """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's).
-    Everything that can fail on bad input (the checkpoint, the model files, the run folder) is tried before the
-    run folder is written, so a failed start loses nothing."""
+    The run folder is locked first (one writer; held until the process exits). Everything that can fail on bad input
+    (the checkpoint, the model files, the run folder) is tried before the run folder is written, so a failed start
+    loses nothing and leaves no folder it made."""
     from policy import load_policy
     if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(cfg.threads)
-    state = read_state(cfg.resume) if cfg.resume else None
-    torch.manual_seed(cfg.seed)                              # LoRA initialisation
-    try:
-        model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                                 lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
-    except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
-        raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
-    os.makedirs(out, exist_ok=True)
-    json.dump(asdict(cfg), open(os.path.join(out, "config.json"), "w"), indent=2)
-    if state:                                                # every resume is on record, with the flags it had
+    made = lock_run(out)                                     # one writer per run folder, before anything is read
+    try:
+        check_out(cfg, out)
+        state = read_state(cfg.resume) if cfg.resume else None
+        if state:                                            # provenance is written once, when the run starts
+            saved = json.load(open(os.path.join(cfg.resume, "config.json")))
+            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
+            now = model_identity(cfg.model)
+            if provenance["model_id"] and now != provenance["model_id"]:
+                raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
+                                 f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
+        torch.manual_seed(cfg.seed)                          # LoRA initialisation
+        try:
+            model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                     lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
+                                     adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
+        except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
+            raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
+    except BaseException:
+        release_run(out, made)                               # a failed start leaves no folder behind
+        raise
+    commit, dirty = code_version()
+    if not state:
+        provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model)}
+    stored = {**asdict(cfg), "out": out, **provenance}
+    stored.update({k: portable(stored[k]) for k in PATHS})
+    stored["eval_data"] = eval_files(cfg.eval_data, portable)
+    json.dump(stored, open(os.path.join(out, "config.json"), "w"), indent=2)
+    if state:                                                # every resume is on record, with the flags and code it had
         with open(os.path.join(out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
-                                "argv": list(sys.argv[1:] if argv is None else argv)}) + "\n")
+                                "argv": list(sys.argv[1:] if argv is None else argv), "code_commit": commit,
+                                "code_dirty": dirty}) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)

@@ -1,0 +1,143 @@
+"""A run folder nobody can corrupt (issue 17): provenance (code version, base model identity, portable paths), one
+writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
+one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import run_folder
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "6",
+         "--max-new-tokens", "4", "--eval-n", "4", "--eval-every", "0", "--lr", "0.05"]
+
+
+def fails_with_one_line(capsys, argv, code=2):
+    capsys.readouterr()                                                   # only what this call prints
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "train.py" in line]
+    assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: error:"), (e.value.code, err)
+    return err[0]
+
+
+@pytest.fixture
+def model(model_dir, tmp_path):
+    """A private copy of the tiny random model (tests edit it)."""
+    return shutil.copytree(model_dir, tmp_path / "model")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Provenance
+# ---------------------------------------------------------------------------------------------------------
+def test_code_version_is_the_checkout_or_none():
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = ""
+    commit, dirty = run_folder.code_version()
+    if head:
+        assert commit == head and isinstance(dirty, bool)
+    assert run_folder.code_version("/") == (None, None)                    # not a repository: None, never a crash
+    path = os.environ["PATH"]
+    try:
+        os.environ["PATH"] = ""                                           # no git installed
+        assert run_folder.code_version() == (None, None)
+    finally:
+        os.environ["PATH"] = path
+
+
+def test_model_identity_follows_content_not_location(model, model_dir, tmp_path):
+    ident = run_folder.model_identity(str(model))
+    assert len(ident) == 16 and ident == run_folder.model_identity(model_dir)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in os.listdir(model):                                           # a plain copy: new mtimes, same bytes
+        (copy / f).write_bytes((model / f).read_bytes())
+    (copy / "README.md").write_text("notes")                              # a file loading never reads
+    assert run_folder.model_identity(str(copy)) == ident
+    other = __import__("tiny_model").build_random_model(str(tmp_path / "other"), seed=1, hidden_size=64,
+                                                         intermediate_size=128, num_hidden_layers=2)
+    assert os.path.getsize(os.path.join(other, "model.safetensors")) == os.path.getsize(model / "model.safetensors")
+    assert run_folder.model_identity(other) != ident                      # same shapes and sizes, other weights
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    assert run_folder.model_identity(str(copy)) != ident
+    assert run_folder.model_identity("no/such-hub-id") is None
+
+
+def test_config_records_provenance_and_paths_relative_to_the_repository(model, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"                                              # a checkout that is not a git repository
+    shutil.copytree(model, repo / "models" / "m")
+    monkeypatch.setattr(run_folder, "REPO", str(repo), raising=False)
+    monkeypatch.chdir(repo)
+    assert train.main(["--model", "models/m", "--out", "runs/r", *SMALL]) == 0
+    cfg = json.load(open(repo / "runs" / "r" / "config.json"))
+    assert cfg["model"] == "models/m" and cfg["out"] == "runs/r" and cfg["resume"] is None
+    assert cfg["code_commit"] is None and cfg["code_dirty"] is None      # no git repository: null
+    assert cfg["model_id"] == run_folder.model_identity(str(model))
+    monkeypatch.chdir(tmp_path)                                           # resume from another working directory
+    assert train.main(["--resume", str(repo / "runs" / "r"), "--steps", "3"]) == 0
+    cfg2 = json.load(open(repo / "runs" / "r" / "config.json"))
+    assert cfg2["model"] == "models/m" and cfg2["out"] == "runs/r" and cfg2["steps"] == 3
+    assert cfg2["model_id"] == cfg["model_id"] and cfg2["code_commit"] is None
+    resumes = [json.loads(line) for line in open(repo / "runs" / "r" / "resumes.jsonl")]
+    assert resumes[0]["from_step"] == 2 and "code_commit" in resumes[0]
+    steps = [json.loads(line)["step"] for line in open(repo / "runs" / "r" / "metrics.jsonl") if '"train"' in line]
+    assert steps == [0, 1, 2]
+
+
+def test_resume_refuses_another_base_model(model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--model", str(model), "--out", str(out), *SMALL]) == 0
+    before = (out / "config.json").read_text()
+    recorded = json.loads(before).get("model_id")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))   # same shapes, another model
+    line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "3"])
+    assert recorded and recorded in line and run_folder.model_identity(str(model)) in line
+    assert (out / "config.json").read_text() == before and not (out / "resumes.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. One writer per run folder
+# ---------------------------------------------------------------------------------------------------------
+def test_two_processes_on_one_folder_one_wins(model_dir, tmp_path):
+    """The issue's reproduction: two train.py started at once on one --out (a double-submitted job)."""
+    out = tmp_path / "race"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out", str(out),
+                               *SMALL, "--steps", "4", "--save-every", "1", "--seed", str(seed)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    results = [(p.wait(300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    (winner, _), (_, (_, err)) = sorted(zip((1, 2), results), key=lambda x: x[1][0])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and str(out) in lines[0], err
+    assert "in use by another process (PID " in lines[0] or "already holds a run" in lines[0]
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]          # every line parses
+    assert [r["step"] for r in recs if r["type"] == "train"] == list(range(4))    # one run, each step once
+    assert json.load(open(out / "config.json"))["seed"] == winner
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_held_lock_is_one_line_naming_the_holder_and_nothing_is_written(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:                                 # another writer (this test) holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
+        assert f"PID {os.getpid()}" in line and str(out) in line
+        assert os.listdir(out) == [".lock"]

@@ -126,7 +126,7 @@ class Config:
     out: str = arg(None, "run folder (default runs/<time>-<task>-<kl>)", LOG, type=str)
     resume: str = arg(None, "run folder to continue from its checkpoint", LOG, type=str)
     preset: str = arg(None, "named setup (explicit flags override it)", LOG, type=str,
-                      choices=("paper-onpolicy", "paper-async"))
+                      choices=("paper-onpolicy", "paper-async", "smollm2-cpu"))
     seed: int = arg(0, "seed (step s draws prompts and samples with seed·100003 + s)", LOG)
     device: str = arg(None, "cuda / cpu (default: cuda if available)", LOG, type=str)
     threads: int = arg(1, "torch threads on CPU (tiny models: more threads only wait at barriers; 0 = torch's)", LOG)
@@ -145,6 +145,11 @@ PRESETS = {
     # §4.2: Dr. GRPO, 32 × 16 = 512 samples, behaviour policy 10 steps old, token ratio clamped to [0, 8]
     "paper-async": dict(PAPER_7B, adv="dr_grpo", group_size=16, prompts_per_step=32, beta=0.005, async_level=10,
                         ratio_clip=(0.0, 8.0), lr=1e-6, weight_decay=0.01, steps=420),
+    # a real pretrained model on a 2-core CPU in ~20 min (real_model.py; README "A real model on a CPU"): SmolLM2-
+    # 135M-Instruct on arith_q, out of domain mul_q. T = 0.7: at T = 1 its samples are almost never right.
+    "smollm2-cpu": dict(model="smollm2-135m", task="arith_q", eval_tasks=("arith_q", "mul_q"), group_size=8,
+                        prompts_per_step=4, max_new_tokens=32, temperature=0.7, lr=1e-3, steps=30, eval_every=0,
+                        eval_n=200, save_every=10, threads=1),
 }
 
 

@@ -268,8 +268,9 @@ def report(out):
               ("completion length", ["completion_len"]),
               ("KL in the loss / in the reward", ["kl_term", "kl_penalty"]), ("grad norm", ["grad_norm"])]
     has = lambda rs, k: [r[k] for r in rs if k in r] or [math.nan]     # --diag-every N: exact KLs every N steps
+    tail_of = lambda k: has(train, k)[-max(1, len(has(train, k)) // 10):]   # their last 10%: a tail may have none
     if train:
-        lines += [f"| train {k} | {has(train, k)[0]:.4f} | {sum(has(tail, k)) / len(has(tail, k)):.4f} |"
+        lines += [f"| train {k} | {has(train, k)[0]:.4f} | {sum(tail_of(k)) / len(tail_of(k)):.4f} |"
                   for _, keys in panels for k in keys]
         lines.append(f"| seconds per step (mean) | | {sum(r['time_step'] for r in train) / len(train):.2f} |")
     print("\n".join(lines))

@@ -17,15 +17,6 @@ import tasks
 import train
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """The converted folder, in a cache of this test session (so the test converts, and never reads ~/.cache)."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    t0 = time.time()
-    out = real_model.folder("smollm2-135m", cache=cache, quiet=True)
-    return {"folder": out, "cache": cache, "seconds": time.time() - t0}
-
-
 def test_conversion_is_checked_complete_and_idempotent(smollm2):
     out = smollm2["folder"]
     marker = json.load(open(os.path.join(out, real_model.MARKER)))
@@ -37,7 +28,7 @@ def test_conversion_is_checked_complete_and_idempotent(smollm2):
     assert len(tok) == 49_152
     stamp = os.path.getmtime(os.path.join(out, "model.safetensors"))
     t0 = time.time()
-    assert real_model.folder("smollm2-135m", cache=smollm2["cache"]) == out                # a second call reuses it
+    assert real_model.folder("smollm2-135m") == out                                        # a second call reuses it
     assert time.time() - t0 < 1 and os.path.getmtime(os.path.join(out, "model.safetensors")) == stamp
     os.remove(os.path.join(out, real_model.MARKER))                                         # incomplete: redone
     assert not real_model._complete(out, real_model.MODELS["smollm2-135m"])
@@ -58,7 +49,6 @@ def test_a_missing_package_names_the_install_command(monkeypatch, tmp_path, caps
 @pytest.mark.parametrize("fourbit", [False, True])
 def test_two_real_steps_reach_every_lora_tensor_and_the_reference_is_the_base(smollm2, tmp_path, fourbit,
                                                                              monkeypatch):
-    monkeypatch.setattr(real_model, "CACHE", os.path.join(smollm2["cache"], "models"))   # --model smollm2-135m
     calls = itertools.count()
     monkeypatch.setattr(train, "reward", lambda name, text, ex: float(next(calls) % 2))  # 0, 1 in every group
     run = tmp_path / "run"

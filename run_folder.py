@@ -120,8 +120,36 @@ def local(path, root=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One writer per run folder
+# One writer per run folder, and what a folder is
 # ---------------------------------------------------------------------------------------------------------
+def read_json(path):
+    """A small JSON file's value, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_run_config(cfg):
+    return isinstance(cfg, dict) and {"kl", "beta", "group_size", "lora_r"} <= cfg.keys()
+
+
+def folder_kind(d):
+    """What `d` is to train.py: "checkpoint" (a peft adapter or state.pt), "run" (a run folder: its config, metrics
+    or checkpoints), "model" (a config.json with weight files) or None (anything else)."""
+    has = lambda n: os.path.exists(os.path.join(d, n))      # noqa: E731
+    if has("state.pt") or has("adapter_config.json"):
+        return "checkpoint"
+    cfg = read_json(os.path.join(d, "config.json")) if has("config.json") else None
+    if is_run_config(cfg) or any(has(n) for n in ("metrics.jsonl", "checkpoint", "checkpoint.old")):
+        return "run"
+    if has("config.json") and any(n.endswith(WEIGHT_FILES) for n in os.listdir(d)):
+        return "model"
+    return None
+
+
+
 _held = {}                                                   # run folder -> this process's open, locked .lock file
 
 

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -51,8 +52,9 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, model_identity, portable,
-                        read_state, release_run, report, restore, save_checkpoint)
+from run_folder import (checkpoint_dir, code_version, folder_kind, is_run_config, last_checkpoint, local, lock_run,
+                        model_identity, portable, read_json, read_state, release_run, report, restore,
+                        save_checkpoint)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -221,17 +223,19 @@ def resumed_config(given):
     resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
     resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
     resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
-
-    def same(v):                                             # a path as given here, or as stored, -> one form
-        if isinstance(v, (tuple, list)):
-            return eval_files(v, same) if v and "=" in str(v[0]) else tuple(v)
-        return os.path.abspath(local(v)) if isinstance(v, str) and os.path.exists(local(v)) else v
     for k, v in given.items():
         was = resumed.get(k, names[k])
         if k not in RESUMABLE and same(v) != same(was):
             die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
                 f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
     return resumed
+
+
+def same(v):
+    """A value as given on the command line, or as stored in config.json, in one comparable form (paths absolute)."""
+    if isinstance(v, (tuple, list)):
+        return eval_files(v, same) if v and "=" in str(v[0]) else tuple(v)
+    return os.path.abspath(local(v)) if isinstance(v, str) and os.path.exists(local(v)) else v
 
 
 def eval_files(items, f):
@@ -257,6 +261,16 @@ def check_config(cfg):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
     if not (cfg.max_grad_norm >= 0 and (cfg.token_budget is None or cfg.token_budget > 0)):
         raise ValueError("--max-grad-norm must be >= 0 and --token-budget > 0: a negative one flips the gradient")
+    if cfg.device is not None:                               # before a run folder exists: nothing left behind
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {cfg.device}: train.py runs on cpu or cuda")
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and not (device.index or 0) < n:
+            raise ValueError(f"--device {cfg.device}: no such CUDA device here ({n} visible)")
     if cfg.rollout_bf16_copy and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
         raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
@@ -266,14 +280,48 @@ def check_config(cfg):
 
 
 def check_out(cfg, out):
-    """The run folder may be written: checked early, and again under its lock (a run may have finished meanwhile)."""
+    """Write only into a fresh folder or this run's own: checked early, and again under the folder's lock (another run
+    may have started or finished meanwhile). Refuses a folder that is, or is inside, a model folder, a checkpoint or
+    another run, and (without --resume) one holding another run, its metrics, other folders or a foreign config."""
     if not out:
         return
-    if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
-        raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
-    states = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # a crash can leave any of them
-    if not cfg.resume and any(os.path.exists(os.path.join(out, n)) for n in states):
+    path, model = os.path.realpath(out), os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else None
+    if model and (path == model or path.startswith(model + os.sep)):
+        raise ValueError(f"--out {out} is {'' if path == model else 'inside '}the --model folder {cfg.model}: it would "
+                         f"overwrite the model's files; pick an --out outside it")
+    up = os.path.dirname(path)
+    while up != os.path.dirname(up):                         # every folder above it, up to /
+        if kind := folder_kind(up):
+            raise ValueError(f"--out {out} is inside the {kind} folder {up} (a run nested there is overwritten or "
+                             f"deleted by it: a run's next checkpoint replaces its checkpoint/); pick an --out outside it")
+        up = os.path.dirname(up)
+    if cfg.resume:
+        if not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
+            raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
+        return
+    if not os.path.isdir(path):
+        return
+    if folder_kind(path) in ("checkpoint", "model"):
+        raise ValueError(f"--out {out} is a {folder_kind(path)} folder, not a run folder; pick another --out")
+    names = os.listdir(path)
+    if any(n.startswith("checkpoint") for n in names):      # a crash can leave checkpoint.old or checkpoint.tmp
         raise ValueError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    saved = read_json(os.path.join(path, "config.json"))
+    if "config.json" in names and not is_run_config(saved):
+        raise ValueError(f"--out {out} holds a config.json that is not a train.py run's; pick another --out")
+    if saved:
+        mine = asdict(cfg)
+        for k in (f.name for f in fields(Config) if f.name not in RESUMABLE + ("out",)):
+            if k in saved and same(saved[k]) != same(mine[k]):
+                raise ValueError(f"--out {out} holds a run of another configuration (--{k.replace('_', '-')} "
+                                 f"{shown(same(saved[k]))} there, {shown(mine[k])} here); pick another --out")
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")) and os.path.getsize(os.path.join(path, "metrics.jsonl")):
+        raise ValueError(f"--out {out} holds the metrics of a run that never wrote a checkpoint; to start over, "
+                         f"delete it (rm -rf {shlex.quote(out)}) or pick another --out")
+    others = sorted(n for n in names if os.path.isdir(os.path.join(path, n)))
+    if others:
+        raise ValueError(f"--out {out} holds other folders ({', '.join(others[:3])}): not a run folder; pick a new "
+                         f"or empty --out")
 
 
 def load_data(cfg):

@@ -1,6 +1,7 @@
 """A run folder nobody can corrupt (issue 17): provenance (code version, base model identity, portable paths), one
 writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
 one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
+import dataclasses
 import fcntl
 import json
 import os
@@ -141,3 +142,67 @@ def test_a_held_lock_is_one_line_naming_the_holder_and_nothing_is_written(model_
         line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
         assert f"PID {os.getpid()}" in line and str(out) in line
         assert os.listdir(out) == [".lock"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Never write outside a fresh or own run folder
+# ---------------------------------------------------------------------------------------------------------
+def fake_run(folder, model_dir, **changes):
+    """A run folder as train.py leaves it (config.json, metrics.jsonl, checkpoint/), without training."""
+    (folder / "checkpoint").mkdir(parents=True)
+    cfg = {**dataclasses.asdict(train.parse_config(["--model", model_dir, *SMALL])), **changes}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 0}) + "\n")
+    (folder / "checkpoint" / "adapter_config.json").write_text("{}")
+    (folder / "checkpoint" / "state.pt").write_bytes(b"")
+    return folder
+
+
+def snapshot(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.mark.parametrize("where,says", [
+    ("run/checkpoint", "inside the run folder"),                    # the outer run's next save deletes it
+    ("run/checkpoint/x", "inside the checkpoint folder"),
+    ("run/sub", "inside the run folder"),
+    ("model", "the --model folder"),                                # would overwrite the model's config.json
+    ("model/sub", "inside the --model folder"),
+    ("other-model/sub", "inside the model folder"),
+    ("other-model", "is a model folder"),
+    ("stale", "holds the metrics of a run that never wrote a checkpoint"),
+    ("k3", "holds a run of another configuration (--kl k3-in-loss there"),
+    ("tree", "holds other folders (data)"),
+])
+def test_out_refuses_every_folder_it_does_not_own(model, model_dir, tmp_path, capsys, where, says):
+    fake_run(tmp_path / "run", str(model))
+    shutil.copytree(model_dir, tmp_path / "other-model")
+    (tmp_path / "stale").mkdir()                                    # a run that died before its first checkpoint
+    (tmp_path / "stale" / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 0}) + "\n")
+    (tmp_path / "k3").mkdir()                                       # a run of another arm that never started
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "k3" / "config.json").write_text(json.dumps({**cfg, "kl": "k3-in-loss"}))
+    (tmp_path / "tree" / "data").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    line = fails_with_one_line(capsys, ["--model", str(model), "--out", str(tmp_path / where), *SMALL])
+    assert says in line, line
+    assert snapshot(tmp_path) == before                             # nothing written anywhere
+    if where == "stale":
+        assert f"rm -rf {tmp_path / where}" in line                  # how to start over
+
+
+def test_out_accepts_a_job_folder_with_its_log(model_dir, tmp_path):
+    """comedy.py (or a scheduler) makes the folder and opens its log there first."""
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "log.txt").write_text("started\n")
+    assert train.check_out(train.parse_config(["--model", model_dir, *SMALL]), str(tmp_path / "job")) is None
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda", "cuda:7", "tpu", "nonsense"])
+def test_bad_device_is_one_line_and_leaves_no_folder(model_dir, tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > int(device.partition(":")[2] or 0):
+        pytest.skip("that CUDA device exists here")
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), "--device", device,
+                                        *SMALL])
+    assert "--device" in line and not os.path.exists(tmp_path / "run")

@@ -275,6 +275,17 @@ def check_config(cfg):
         raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
+    # configurations whose every gradient is exactly 0 (the run would end with exit 0 and nothing learned)
+    if not cfg.ratio_clip[0] <= 1 <= cfg.ratio_clip[1]:
+        raise ValueError(f"--ratio-clip {shown(cfg.ratio_clip)} excludes 1: the importance ratio is exactly 1 "
+                         f"on-policy and at every run's start, where a clamp that excludes it has zero gradient")
+    if cfg.token_budget is not None and not math.isfinite(cfg.token_budget):
+        raise ValueError(f"--token-budget {cfg.token_budget} divides the loss, and so every gradient, to 0")
+    if cfg.lr / (1 - 0.9) >= torch.finfo(torch.float32).max:   # Adam's first step is lr / (1 − β1)
+        raise ValueError(f"--lr {cfg.lr:g} overflows float32 in AdamW's first step (lr / (1 − 0.9))")
+    if cfg.lr * cfg.weight_decay >= 1:                     # AdamW: θ ← θ·(1 − lr·wd) − lr·update
+        raise ValueError(f"--lr {cfg.lr:g} × --weight-decay {cfg.weight_decay:g} >= 1: AdamW would scale the weights "
+                         f"by 1 − lr·wd = {1 - cfg.lr * cfg.weight_decay:.3g} every step (zeroing or flipping them)")
     check_out(cfg, cfg.resume or cfg.out)
     return kl
 
@@ -293,7 +304,7 @@ def check_out(cfg, out):
     while up != os.path.dirname(up):                         # every folder above it, up to /
         if kind := folder_kind(up):
             raise ValueError(f"--out {out} is inside the {kind} folder {up} (a run nested there is overwritten or "
-                             f"deleted by it: a run's next checkpoint replaces its checkpoint/); pick an --out outside it")
+                             f"deleted by it: a run's next save replaces its checkpoint/); pick an --out outside it")
         up = os.path.dirname(up)
     if cfg.resume:
         if not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
@@ -322,6 +333,39 @@ def check_out(cfg, out):
     if others:
         raise ValueError(f"--out {out} holds other folders ({', '.join(others[:3])}): not a run folder; pick a new "
                          f"or empty --out")
+
+
+ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)
+
+
+def first_nonfinite(model):
+    """Name of the first trainable parameter holding a NaN or inf, else None (one device sync)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if torch.stack([p.isfinite().all() for _, p in named]).all():
+        return None
+    return next(n for n, p in named if not p.isfinite().all())
+
+
+def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
+    """Count steps whose gradient norm is exactly 0 in a row: warn at the first, -> a one-line reason to stop at
+    ZERO_GRAD_STEPS, naming the cause when this batch shows it; else None. state: {"zeros": n, "warned": bool}."""
+    state["zeros"] = state["zeros"] + 1 if grad_norm == 0 else 0
+    if not state["zeros"]:
+        return None
+    if (logp[mask.bool()] == 0).all():
+        cause = f"every sampled token has probability 1 at --temperature {cfg.temperature:g} (sampling is greedy)"
+    elif (rewards.view(-1, cfg.group_size).std(1) == 0).all():
+        cause = "every group's completions got the same reward, so every advantage is 0 (and the KL is 0 at π_ref)"
+    else:
+        cause = "cause unknown"
+    if not state["warned"]:
+        state["warned"] = True
+        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause}); the run stops after "
+              f"{ZERO_GRAD_STEPS} such steps in a row", file=sys.stderr)
+    if state["zeros"] >= ZERO_GRAD_STEPS:
+        return (f"gradient norm exactly 0 for {ZERO_GRAD_STEPS} steps in a row (to step {step}: {cause}); "
+                "nothing is learning, stopping")
+    return None
 
 
 def load_data(cfg):
@@ -465,6 +509,7 @@ def main(argv=None):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
+    zeros = {"zeros": 0, "warned": False}                   # steps in a row with gradient norm exactly 0
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
@@ -530,6 +575,10 @@ def main(argv=None):
             return 1
         optimizer.step()
         t5 = clock()
+        if (bad := first_nonfinite(model)) is not None:     # before anything of this step is logged or saved
+            print(f"train.py: error: non-finite parameter {bad} after the optimizer step at step {step}; "
+                  f"{last_checkpoint(out)}", file=sys.stderr)
+            return 1
 
         logp = torch.cat(logps)                              # (N, C) the whole batch's metrics, no grad
         rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
@@ -539,6 +588,9 @@ def main(argv=None):
                "time_optimizer": t5 - t4, "time_step": t5 - t0, "tokens_per_s": attn.sum().item() / (t5 - t0),
                "peak_mem_gb": peak_memory_gb()}
         write(rec)
+        if (stop := zero_gradient(zeros, cfg, step, grad_norm, rewards, logp, mask)) is not None:
+            print(f"train.py: error: {stop}; {last_checkpoint(out)}", file=sys.stderr)
+            return 1
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
         if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:   # a log file or a scheduler: no bar
             print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "

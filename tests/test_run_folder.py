@@ -4,6 +4,7 @@ one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mo
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -206,3 +207,60 @@ def test_bad_device_is_one_line_and_leaves_no_folder(model_dir, tmp_path, capsys
     line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), "--device", device,
                                         *SMALL])
     assert "--device" in line and not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. No non-finite checkpoint, no silent no-op training
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,says", [
+    (["--ratio-clip", "2", "8"], "excludes 1"),                                # on-policy ρ ≡ 1 is clamped to 2
+    (["--ratio-clip", "0", "0.5", "--async-level", "1"], "excludes 1"),      # ρ = 1 at the start: never moves
+    (["--token-budget", "inf"], "--token-budget inf"),
+    (["--weight-decay", "1e300"], "--weight-decay"),                          # θ·(1 − lr·wd): non-finite weights
+    (["--lr", "1e38"], "overflows float32"),
+])
+def test_known_no_op_or_non_finite_configurations_are_refused_up_front(model_dir, tmp_path, capsys, flags, says):
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), *SMALL, *flags])
+    assert says in line and not os.path.exists(tmp_path / "run")
+
+
+def test_non_finite_parameters_stop_the_run_before_a_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(opt, *a, **k):                  # the second update makes one weight NaN (any cause: lr, data, bug)
+        out = step(opt, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][3].view(-1)[0] = math.nan
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(["--model", model_dir, "--out", str(out), *SMALL, "--steps", "4", "--save-every", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: error")]
+    assert len(err) == 1 and "non-finite parameter" in err[0] and "at step 1" in err[0], err
+    assert "lora" in err[0] and "last good checkpoint" in err[0] and "(step 1)" in err[0]
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1      # the good one stays
+    from safetensors.torch import load_file
+    assert all(t.isfinite().all() for t in load_file(out / "checkpoint" / "adapter_model.safetensors").values())
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"train"' in line] == [0]
+
+
+@pytest.mark.parametrize("flags,cause", [
+    (["--temperature", "1e-9"], "sampling is greedy"),                      # log-probs saturate at 0: no gradient
+    (["--kl", "none", "--constant-reward"], "got the same reward"),
+])
+def test_zero_gradient_warns_once_then_stops_after_k_steps(model_dir, tmp_path, capsys, monkeypatch, flags, cause):
+    monkeypatch.setattr(train, "ZERO_GRAD_STEPS", 3)
+    if "--constant-reward" in flags:
+        flags = flags[:-1]
+        monkeypatch.setattr(train, "reward", lambda name, text, ex: 1.0)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(["--model", model_dir, "--out", str(out), *SMALL, "--steps", "6", *flags]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py: e") or "warning" in line]
+    assert len(err) == 2 and err[0].startswith("train.py: warning: gradient norm exactly 0 at step 0") and cause in err[0]
+    assert err[1].startswith("train.py: error: gradient norm exactly 0 for 3 steps") and cause in err[1], err
+    assert [json.loads(line)["grad_norm"] for line in open(out / "metrics.jsonl") if '"train"' in line] == [0.0] * 3

@@ -36,7 +36,8 @@ Commands
       --max-new-tokens 1024 --batch-size 16 --load-in-4bit
   python eval.py --compare eval-results/Qwen2.5-7B-math500.json runs/k1-in-reward runs/k3-in-loss
 Output: one JSON per evaluation (default: RUN_DIR/eval-<tasks>.json, or eval-results/<model>-<tasks>.json) and a
-markdown table on stdout. Bad input (unknown task, missing adapter, adapter of another base model) exits 2.
+markdown table on stdout. Bad input (unknown task, missing adapter, adapter of another base model, a malformed
+adapter_config.json or one whose LoRA rank exceeds the smallest adapted layer) exits 2 with one line.
 """
 import argparse
 import contextlib
@@ -159,6 +160,7 @@ def same_model(a, b):
 def resolve(args):
     """Fill args.model / args.adapter (a folder with adapter_config.json) / args.out / args.data; die on bad input."""
     import tasks
+    from run_folder import read_adapter_config, read_json
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in args.task_list:
         if t not in tasks.TASKS:
@@ -178,11 +180,14 @@ def resolve(args):
         if not os.path.isfile(os.path.join(a, "adapter_config.json")):
             die(f"no peft adapter at {args.adapter} (expected adapter_config.json or checkpoint/adapter_config.json)")
         args.adapter = a
-        base = json.load(open(os.path.join(a, "adapter_config.json"))).get("base_model_name_or_path")
-        run_cfg = os.path.join(os.path.dirname(os.path.abspath(a)), "config.json")
-        if os.path.isfile(run_cfg):
-            run = json.load(open(run_cfg))
-            run_model = run.get("model")
+        adapter_cfg = read_json(os.path.join(a, "adapter_config.json"))
+        if not isinstance(adapter_cfg, dict):
+            die(f"{os.path.join(a, 'adapter_config.json')} is unreadable or not a JSON object")
+        base = adapter_cfg.get("base_model_name_or_path")
+        base = base if isinstance(base, str) else None
+        run = read_json(os.path.join(os.path.dirname(os.path.abspath(a)), "config.json"))
+        if isinstance(run, dict):
+            run_model = run.get("model") if isinstance(run.get("model"), str) else None
             if args.prompt_format is None:                  # prompts as the run was trained on them
                 args.prompt_format = run.get("prompt_format", "auto")
             if args.thinking is None:
@@ -194,6 +199,11 @@ def resolve(args):
         die(str(e))
     if base and not same_model(base, args.model):
         die(f"adapter {args.adapter} was trained on base model {base!r}, not {args.model!r} (omit --model to use it)")
+    if args.adapter:
+        try:                                  # its ranks bounded before peft allocates them
+            read_adapter_config(args.adapter, args.model)
+        except ValueError as e:
+            die(str(e))
     if args.model == TINY and not os.path.isdir(TINY):
         die(f"tiny model not found at {TINY} (build it with: python tiny_model.py --out assets/tiny-arith)")
     if not args.out:

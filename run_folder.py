@@ -238,6 +238,42 @@ def read_state(run):
         raise ValueError(f"{path} is unreadable or truncated ({str(e).strip().splitlines()[0][:120]})") from None
 
 
+def max_lora_rank(model):
+    """The smallest in/out dimension of the layers LoRA adapts (peft's "all-linear": every nn.Linear but the output
+    head), from a weightless meta-device copy of the architecture (~0.1 s for a 7B); None if it cannot be built."""
+    try:
+        from real_model import resolve
+        from transformers import AutoConfig, AutoModelForCausalLM
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(model)))
+    except Exception:                                        # a hub id offline, an unknown architecture: loading says
+        return None
+    head = m.get_output_embeddings()
+    dims = [min(x.in_features, x.out_features) for x in m.modules() if isinstance(x, torch.nn.Linear) and x is not head]
+    return min(dims) if dims else None
+
+
+def read_adapter_config(folder, model):
+    """<folder>/adapter_config.json, checked before peft allocates anything from it: a LoRA config whose ranks are
+    integers from 1 to max_lora_rank(model) (r = 1e9 tried to allocate hundreds of GB). ValueError saying why not."""
+    path = os.path.join(folder, "adapter_config.json")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is unreadable or not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA" or not isinstance(cfg.get("rank_pattern") or {}, dict):
+        raise ValueError(f"{path} is not a LoRA adapter config (peft_type {cfg.get('peft_type')!r})")
+    limit = max_lora_rank(model)
+    ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
+    for key, r in ranks.items():
+        if not (type(r) is int and 1 <= r <= (limit or r)):
+            raise ValueError(f"{path}: {key} = {r!r}; a LoRA rank is an integer from 1 to {limit or 'the layer size'} "
+                             f"(the smallest dimension of the layers it adapts in {model})")
+    alpha = cfg.get("lora_alpha", 8)
+    if not (type(alpha) in (int, float) and math.isfinite(alpha)):
+        raise ValueError(f"{path}: lora_alpha = {alpha!r} is not a finite number")
+    return cfg
+
+
 def last_checkpoint(out):
     try:
         return f"last good checkpoint: {checkpoint_dir(out)} (step {read_state(out)['step']})"

@@ -27,8 +27,9 @@ Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed 
              The model must put an expression using + - * / and parentheses, each number exactly once, inside
              <answer>...</answer> (no tags: its last non-empty line is read); "= target" after it is ignored.
 
-Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read with datasets' "json"/"parquet" builders; the file
-is the data and `split` is ignored) or a Hugging Face Hub id (default below). With HF_HUB_OFFLINE=1 a hub id that is
+Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read here, with no cache copy: one JSON row per line, a
+.json list of rows, or parquet via pyarrow; at most MAX_DATA_BYTES = 256 MiB, MAX_LINE_BYTES = 1 MiB per line; the
+file is the data and `split` is ignored) or a Hugging Face Hub id (default below, read with datasets). With HF_HUB_OFFLINE=1 a hub id that is
 not in the local cache fails at once with a TaskError: pass a local file instead. Rows must have these fields:
   math       hub "DigitalLearningGmbH/MATH-lighteval" (splits train 7,500 / test 5,000):
              problem (str), solution (str, LaTeX with the final answer in \\boxed{...}), level (str), type (str).
@@ -40,7 +41,8 @@ not in the local cache fails at once with a TaskError: pass a local file instead
 Question for math/math500: problem + "\\n\\nPut your final answer within \\boxed{}."; graded by math-verify on the
 completion's last \\boxed{}. For mmlu: question, choices as "A. ..." lines, and a request to end with "Answer: X".
 For the train split of a data set the rows are shuffled with `seed`; test keeps file order. `n` keeps the first n.
-A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
+A malformed row (missing field, wrong type, no answer, a gold answer that is NaN, infinite or a float beyond 2**53)
+raises TaskError naming the file and its 0-based row index (a line that is not JSON: its 1-based line number).
 
 Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
   arith, arith_ood, arith_spaced, arith_q, mul_q  the last integer (-?[0-9]+) in the completion equals the answer.
@@ -56,6 +58,7 @@ Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time
 import ast
 import atexit
 import json
+import math
 import os
 import random
 import re
@@ -185,10 +188,6 @@ def _countdown_problem(rng):
 def _read_rows(name, split, path):
     hub_id, config, splits = HUB[name]
     src = path or hub_id
-    try:
-        import datasets
-    except ImportError:
-        raise TaskError(f"{name}: reading {src} needs the 'datasets' package (pip install datasets)") from None
     if os.path.exists(src) or src.lower().endswith(FILE_TYPES):
         if not os.path.isfile(src):
             raise TaskError(f"{name}: file not found: {src}")
@@ -196,11 +195,11 @@ def _read_rows(name, split, path):
             raise TaskError(f"{name}: {src}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
         if os.path.getsize(src) == 0:
             raise TaskError(f"{name}: {src} is empty")
-        try:
-            builder = "parquet" if src.lower().endswith(".parquet") else "json"
-            return datasets.load_dataset(builder, data_files=src, split="train").to_list(), src
-        except Exception as e:
-            raise TaskError(f"{name}: cannot read {src}: {_one_line(e)}") from None
+        return _read_file(name, src), src
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"{name}: reading {src} needs the 'datasets' package (pip install datasets)") from None
     if src == hub_id and split not in splits:
         raise TaskError(f"{name}: {hub_id} has no split {split!r}; choose from: {', '.join(splits)}")
     try:
@@ -213,6 +212,51 @@ def _read_rows(name, split, path):
                         f"{_one_line(e)}") from None
 
 
+MAX_DATA_BYTES = 256 << 20  # a local data file is held in memory: 256 MiB (MATH's train split is 10 MB as JSONL)
+MAX_LINE_BYTES = 1 << 20    # one JSONL row (a MATH row is ~2 KB)
+
+
+def _read_file(name, src):
+    """Rows of a local .jsonl / .json / .parquet file, read by us (no cache copy) within MAX_DATA_BYTES and, line by
+    line, MAX_LINE_BYTES: a 1 GB one-line file is refused after reading 1 MiB of it, not loaded."""
+    size = os.path.getsize(src)
+    too_big = (f"{name}: {src} holds {{:,}} bytes, over the limit of {MAX_DATA_BYTES:,} for a data file "
+               f"(tasks.MAX_DATA_BYTES); keep the rows you train on in a smaller file")
+    if size > MAX_DATA_BYTES:
+        raise TaskError(too_big.format(size))
+    try:
+        if src.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+            f = pq.ParquetFile(src)
+            unpacked = sum(f.metadata.row_group(i).total_byte_size for i in range(f.metadata.num_row_groups))
+            if unpacked > MAX_DATA_BYTES:                  # compressed on disk: its size in memory is what counts
+                raise TaskError(too_big.format(unpacked))
+            return f.read().to_pylist()
+        with open(src, "rb") as f:
+            if src.lower().endswith(".json") and f.read(1 << 16).lstrip().startswith(b"["):
+                f.seek(0)
+                return json.loads(f.read())                # one JSON list of rows
+            f.seek(0)
+            rows = []
+            for number in range(1, size + 2):              # else one row per line
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return rows
+                if len(line) > MAX_LINE_BYTES:
+                    raise TaskError(f"{name}: {src} line {number} is longer than {MAX_LINE_BYTES:,} bytes, the limit "
+                                    f"for one row (tasks.MAX_LINE_BYTES)")
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:                    # also a 5000-digit int: json's 4300-digit int limit
+                    raise TaskError(f"{name}: cannot read {src}: line {number}: {_one_line(e)}") from None
+    except TaskError:
+        raise
+    except Exception as e:                                 # not parquet, not JSON, unreadable
+        raise TaskError(f"{name}: cannot read {src}: {_one_line(e)}") from None
+
+
 def _one_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -221,6 +265,9 @@ def _example(name, row, i, src):
     """One data-set row -> example; a malformed row is a TaskError naming it (no silent skipping)."""
     def bad(what):
         return TaskError(f"{name}: {src} row {i}: {what}")
+
+    if not isinstance(row, dict):
+        raise bad(f"not a JSON object but {type(row).__name__}")
 
     def text(key):
         if not isinstance(row.get(key), str) or not row[key].strip():
@@ -243,6 +290,9 @@ def _example(name, row, i, src):
             raise bad("no 'answer' field and no \\boxed{...} in 'solution'")
     elif not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise bad(f"field 'answer' must be a string, got {type(answer).__name__}")
+    elif isinstance(answer, float) and not (math.isfinite(answer) and abs(answer) < 2**53):
+        raise bad(f"field 'answer' is {answer!r}: a gold answer must be a string or a finite number (a float beyond "
+                  f"2**53 has lost digits: write it as a string)")
     ex = {"question": problem.strip() + MATH_INSTRUCTION, "answer": str(answer).strip()}
     if row.get("unique_id"):
         ex["id"] = row["unique_id"]

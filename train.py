@@ -53,8 +53,8 @@ from tqdm import tqdm
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from run_folder import (checkpoint_dir, code_version, folder_kind, is_run_config, last_checkpoint, local, lock_run,
-                        model_identity, portable, read_json, read_state, release_run, report, restore,
-                        save_checkpoint)
+                        max_lora_rank, model_identity, portable, read_adapter_config, read_json, read_state,
+                        release_run, report, restore, save_checkpoint)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -386,6 +386,10 @@ def load_data(cfg):
         tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
     except OSError as e:                                     # hub id not cached offline, no access, no such repo
         raise OSError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+    limit = max_lora_rank(source)
+    if limit and cfg.lora_r > limit:
+        raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "
+                         f"{cfg.model} (a larger rank adds parameters, not capacity)")
     context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
     questions = [ex["question"] for rows in (train, *held_out.values()) for ex in rows]
     longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
@@ -430,6 +434,8 @@ def start_run(cfg, argv):
     try:
         check_out(cfg, out)
         state = read_state(cfg.resume) if cfg.resume else None
+        if state and read_adapter_config(checkpoint_dir(cfg.resume), cfg.model)["r"] != cfg.lora_r:
+            raise ValueError(f"--resume {cfg.resume}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
         if state:                                            # provenance is written once, when the run starts
             saved = json.load(open(os.path.join(cfg.resume, "config.json")))
             provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}

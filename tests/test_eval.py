@@ -242,6 +242,32 @@ def test_bad_inputs_exit_2_with_one_line(zero_run, tmp_path, capsys):
     assert "size mismatch" in _error(FAST + ["--adapter", str(tmp_path / "wide-lora")], capsys)
 
 
+@pytest.mark.parametrize("change,says", [
+    ({"r": 10**9}, "r = 1000000000;"),                         # peft would allocate 10^9 × d floats per layer
+    ({"r": 1e9}, "r = 1000000000.0;"), ({"r": 0}, "r = 0;"),
+    ({"rank_pattern": {"q_proj": 10**9}}, "rank_pattern['q_proj'] = 1000000000;"),
+    ({"lora_alpha": "big"}, "lora_alpha = 'big'"), ({"peft_type": "IA3"}, "not a LoRA adapter"),
+])
+def test_adapter_config_is_checked_before_anything_is_allocated(zero_run, tmp_path, capsys, change, says):
+    model, run = zero_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((run / "checkpoint" / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    line = _error(FAST + ["--adapter", str(bad)], capsys)
+    assert says in line, line
+    if "r" in change:                                          # the bound: the smallest adapted layer, named
+        from run_folder import max_lora_rank
+        assert f"from 1 to {max_lora_rank(model)} " in line
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_malformed_adapter_config_is_one_line(zero_run, tmp_path, capsys, text):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    assert "not a JSON object" in _error(FAST + ["--adapter", str(tmp_path / "a")], capsys)
+
+
 def test_cli_no_arguments_offline_demo(zero_run, tmp_path):
     """`python eval.py` from a folder whose runs/ holds the zero-adapter run: both evaluated, compared, < 60 s."""
     model, run = zero_run

@@ -264,3 +264,19 @@ def test_zero_gradient_warns_once_then_stops_after_k_steps(model_dir, tmp_path, 
     assert len(err) == 2 and err[0].startswith("train.py: warning: gradient norm exactly 0 at step 0") and cause in err[0]
     assert err[1].startswith("train.py: error: gradient norm exactly 0 for 3 steps") and cause in err[1], err
     assert [json.loads(line)["grad_norm"] for line in open(out / "metrics.jsonl") if '"train"' in line] == [0.0] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Bounds: LoRA rank (data files and gold answers: test_hardening.py; eval.py's adapters: test_eval.py)
+# ---------------------------------------------------------------------------------------------------------
+def test_lora_rank_is_bounded_by_the_smallest_adapted_layer(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(model_dir)                  # the real layers, independently of the bound
+    smallest = min(min(x.in_features, x.out_features) for x in m.modules()
+                   if isinstance(x, torch.nn.Linear) and x is not m.get_output_embeddings())
+    assert run_folder.max_lora_rank(model_dir) == smallest
+    train.load_data(train.parse_config(["--model", model_dir, *SMALL, "--lora-r", str(smallest)]))   # fits
+    for r in (smallest + 1, 10**9):                                      # 10^9: terabytes, tried before the fix
+        line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), *SMALL,
+                                            "--lora-r", str(r)])
+        assert f"--lora-r {r} exceeds {smallest}" in line and not os.path.exists(tmp_path / "run")

@@ -283,11 +283,27 @@ def load_result(path):
     try:
         with open(path) as f:
             res = json.load(f)
-        assert isinstance(res.get("tasks"), dict)
-    except (OSError, ValueError, AssertionError, AttributeError) as e:
-        die(f"{path} is not an eval.py result file ({type(e).__name__})")
+        check_result(res)
+    except (OSError, ValueError, AssertionError, AttributeError, KeyError, TypeError, IndexError) as e:
+        die(f"{path} is not an eval.py result file ({type(e).__name__}: {str(e)[:100] or 'malformed'})")
     res["path"] = path
     return res
+
+
+def check_result(res):
+    """Everything table() reads, with the types it needs (AssertionError/KeyError/TypeError otherwise)."""
+    assert isinstance(res, dict) and isinstance(res["config"], dict) and isinstance(res["tasks"], dict), "layout"
+    for name, task in res["tasks"].items():
+        problems = task["problems"]
+        assert isinstance(problems, list) and problems, f"task {name}: no problems"
+        n = len(problems[0]["samples"]["correct"])
+        for p in problems:
+            assert isinstance(p["question"], str) and isinstance(p["id"], (str, int)), f"task {name}: problem id"
+            g, s = p["greedy"], p["samples"]
+            assert all(isinstance(s[k], list) and len(s[k]) == n for k in ("correct", "length", "truncated")), \
+                f"task {name}: samples of unequal length"
+            assert all(isinstance(x, bool) for x in [g["correct"], g["truncated"], *s["correct"], *s["truncated"]]) \
+                and all(isinstance(x, (int, float)) for x in [g["length"], *s["length"]]), f"task {name}: values"
 
 
 def labels(results):

@@ -207,12 +207,17 @@ def rng_state():
 
 
 def save_checkpoint(out, model, optimizer, step, snapshots):
-    """<out>/checkpoint = peft adapter + state.pt, written to a temporary folder and renamed into place."""
+    """<out>/checkpoint = peft adapter + state.pt, written to a temporary folder and renamed into place. A failed
+    write (a full disk: OSError) removes the temporary folder and leaves the previous checkpoint as it was."""
     tmp, final, old = (os.path.join(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "snapshots": list(snapshots)},
-               os.path.join(tmp, "state.pt"))
+    try:
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                    "snapshots": list(snapshots)}, os.path.join(tmp, "state.pt"))
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)               # give back what the partial write took
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.replace(final, old)
@@ -230,12 +235,21 @@ def read_state(run):
     """state.pt of the run's last checkpoint. weights_only: a run folder is data, never code to execute."""
     path = os.path.join(checkpoint_dir(run), "state.pt")
     try:
-        return torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
-                         f"({str(e).strip().splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is unreadable or truncated ({str(e).strip().splitlines()[0][:120]})") from None
+                         f"({one_line(e)[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable or truncated ({one_line(e)[:120]})") from None
+    if not (isinstance(state, dict) and {"step", "optimizer", "rng", "snapshots"} <= state.keys()
+            and type(state["step"]) is int and state["step"] >= 0):
+        raise ValueError(f"{path} does not hold a train.py checkpoint state (step, optimizer, rng, snapshots)")
+    return state
+
+
+def one_line(e):
+    """An exception as one line: its message's first line, or its type's name when the message is empty."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def max_lora_rank(model):

@@ -39,6 +39,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -53,7 +54,7 @@ from tqdm import tqdm
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from run_folder import (checkpoint_dir, code_version, folder_kind, is_run_config, last_checkpoint, local, lock_run,
-                        max_lora_rank, model_identity, portable, read_adapter_config, read_json, read_state,
+                        max_lora_rank, model_identity, one_line, portable, read_adapter_config, read_json, read_state,
                         release_run, report, restore, save_checkpoint)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
@@ -155,6 +156,7 @@ PRESETS = {
 }
 
 
+SEED_MAX = (2**63 - 2**40) // 100003                         # |seed·100003 + 10⁹ + step| < 2⁶³ for torch
 PATHS = ("model", "data_path", "out", "resume")              # stored relative to the repository root (portable)
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
              "export")                                       # speed and logging only: cannot change the run
@@ -220,6 +222,10 @@ def resumed_config(given):
     except (OSError, ValueError, AssertionError):
         die(f"--resume {run}: config.json is unreadable or corrupt (not a JSON object)")
     names = {f.name: f.default for f in fields(Config)}
+    for f in fields(Config):                                 # a corrupt or edited value: one line, not a traceback
+        if f.name in saved and not fits(f, saved[f.name]):
+            die(f"--resume {run}: config.json has {f.name} = {saved[f.name]!r}, not a valid "
+                f"--{f.name.replace('_', '-')}")
     resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
     resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
     resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
@@ -229,6 +235,18 @@ def resumed_config(given):
             die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
                 f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
     return resumed
+
+
+def fits(f, v, item=False):
+    """Whether a value read from config.json can be Config field f: its type (None where that is the default, a list
+    for a tuple) and its choices."""
+    if isinstance(f.default, tuple) and not item:
+        return isinstance(v, list) and all(fits(f, x, item=True) for x in v)
+    if v is None:
+        return f.default is None and not item
+    kind = f.metadata.get("type") or type(f.default[0] if isinstance(f.default, tuple) else f.default)
+    ok = type(v) is kind if kind in (bool, int) else type(v) in (int, float) if kind is float else isinstance(v, str)
+    return ok and ("choices" not in f.metadata or v in f.metadata["choices"])
 
 
 def same(v):
@@ -249,12 +267,16 @@ def check_config(cfg):
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
-                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1))   # name -> (bound, 1: >=, 0: >)
+                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1),
+                 threads=(0, 1))                             # name -> (bound, 1: >=, 0: >)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
         if not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
             raise ValueError(f"--{name.replace('_', '-')} must be finite and {'>=' if inclusive else '>'} {bound}, "
                              f"got {v}")
+    if not abs(cfg.seed) <= SEED_MAX:                       # torch seeds are 64-bit
+        raise ValueError(f"--seed must be at most {SEED_MAX} in size (step seeds are seed·100003 + step, 64-bit), "
+                         f"got {cfg.seed}")
     if not cfg.lora_dropout < 1:
         raise ValueError(f"--lora-dropout is a probability < 1, got {cfg.lora_dropout}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
@@ -335,6 +357,28 @@ def check_out(cfg, out):
                          f"or empty --out")
 
 
+def save(out, model, optimizer, step, snapshots):
+    """save_checkpoint, or, when it cannot write (a full disk), one line naming the intact checkpoint and exit 1."""
+    try:
+        save_checkpoint(out, model, optimizer, step, snapshots)
+    except OSError as e:
+        print(f"train.py: error: cannot write the step-{step} checkpoint ({one_line(e)}); {last_checkpoint(out)}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def stop_on_signals(out):
+    """The command line: SIGINT (Ctrl-C) and SIGTERM (a scheduler) end the run with one line naming the last good
+    checkpoint, exit 128 + the signal's number; a second signal ends it at once."""
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        where = last_checkpoint(out) if out else "nothing was written"
+        print(f"train.py: stopped by {signal.Signals(signum).name}; {where}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
 ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)
 
 
@@ -374,6 +418,10 @@ def load_data(cfg):
     files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
     if any(not f for f in files.values()):
         raise ValueError(f"--eval-data takes TASK=FILE pairs, got {' '.join(cfg.eval_data)}")
+    for name in files:                                       # a file for no held-out task would be ignored silently
+        if name not in (cfg.eval_tasks or (cfg.task,)):
+            raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
+                             f"{', '.join(cfg.eval_tasks or (cfg.task,))}; add it with --eval-tasks)")
     held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
                 for name in (cfg.eval_tasks or (cfg.task,))}
     for name, rows in [(cfg.task, train), *held_out.items()]:
@@ -431,6 +479,8 @@ def start_run(cfg, argv):
         torch.set_num_threads(cfg.threads)
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
     made = lock_run(out)                                     # one writer per run folder, before anything is read
+    if argv is None:                                         # the command line (not a caller's process)
+        stop_on_signals(out)
     try:
         check_out(cfg, out)
         state = read_state(cfg.resume) if cfg.resume else None
@@ -450,7 +500,7 @@ def start_run(cfg, argv):
                                      gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
                                      adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
         except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
-            raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
+            raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}") from None
     except BaseException:
         release_run(out, made)                               # a failed start leaves no folder behind
         raise
@@ -497,7 +547,7 @@ def main(argv=None):
             print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
         out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
-        die(str(e).strip().splitlines()[0])
+        die(one_line(e))
     from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
                         peak_memory_gb, rollout, rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
@@ -602,7 +652,7 @@ def main(argv=None):
             print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "
                   f"{rec['time_step']:.2f} s/step", file=sys.stderr, flush=True)
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(out, model, optimizer, step + 1, snapshots)
+            save(out, model, optimizer, step + 1, snapshots)
     pbar.close()
     for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
         write(rec)
@@ -625,4 +675,5 @@ def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
 
 
 if __name__ == "__main__":
+    stop_on_signals(None)                                    # start_run names the run folder once there is one
     sys.exit(main())

@@ -107,6 +107,26 @@ def test_compare_synthetic(tmp_path, capsys):
     assert "pass@4" in out and "pass@3" not in out                       # powers of two and n in the table
 
 
+@pytest.mark.parametrize("breakage", ["no tasks' problems", "no config", "greedy missing", "samples unequal",
+                                      "length a string", "problems empty", "not a dict"])
+def test_compare_refuses_malformed_result_files_with_one_line(tmp_path, capsys, breakage):
+    good = _result(tmp_path / "a.json", [True, False], [[True, False], [False, False]], model="a")
+    res = json.load(open(good))
+    probs = res["tasks"]["arith"]["problems"]
+    {"no tasks' problems": lambda: res["tasks"].update(arith={}), "no config": lambda: res.pop("config"),
+     "greedy missing": lambda: probs[1].pop("greedy"),
+     "samples unequal": lambda: probs[1]["samples"]["correct"].append(True),
+     "length a string": lambda: probs[0]["greedy"].update(length="3"),
+     "problems empty": lambda: res["tasks"]["arith"].update(problems=[]),
+     "not a dict": lambda: probs.append(7)}[breakage]()
+    json.dump(res, open(tmp_path / "b.json", "w"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compare", good, str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "b.json is not an eval.py result file" in err, err
+
+
 def test_table_letter_columns_legend_and_footnote(tmp_path, capsys):
     """Short column headers (A, B, B − A), a legend naming each, and one line saying what * means."""
     rng = np.random.default_rng(0)

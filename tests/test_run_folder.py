@@ -2,13 +2,16 @@
 writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
 one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
 import dataclasses
+import errno
 import fcntl
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,7 +28,8 @@ def fails_with_one_line(capsys, argv, code=2):
     capsys.readouterr()                                                   # only what this call prints
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if "train.py" in line]
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if "train.py" in line and not line.startswith(("train.py: warning", "train.py: step "))]
     assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: error:"), (e.value.code, err)
     return err[0]
 
@@ -160,8 +164,9 @@ def fake_run(folder, model_dir, **changes):
 
 
 def snapshot(folder):
+    """Every file's bytes (but the one-writer lock's, which holds the last writer's PID)."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files}
+            for d, _, files in os.walk(folder) for f in files if f != ".lock"}
 
 
 @pytest.mark.parametrize("where,says", [
@@ -280,3 +285,94 @@ def test_lora_rank_is_bounded_by_the_smallest_adapted_layer(model_dir, tmp_path,
         line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), *SMALL,
                                             "--lora-r", str(r)])
         assert f"--lora-r {r} exceeds {smallest}" in line and not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. One line, not a traceback (exit 2 for bad input, 1 at runtime, 128 + N for signal N)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("state,says", [(b"", "unreadable or truncated"), ([1, 2], "does not hold a train.py checkpoint"),
+                                        ({"step": "3", "optimizer": {}, "rng": {}, "snapshots": []}, "does not hold")])
+def test_a_broken_state_pt_is_one_line(model_dir, tmp_path, capsys, state, says):
+    run = fake_run(tmp_path / "run", model_dir)
+    if not isinstance(state, bytes):
+        torch.save(state, run / "checkpoint" / "state.pt")
+    before = snapshot(run)
+    assert says in fails_with_one_line(capsys, ["--resume", str(run), "--steps", "3"])
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("key,value", [("lr", "fast"), ("seed", 1e23), ("kl", "bogus"), ("steps", 2.5),
+                                       ("eval_tasks", "arith"), ("ratio_clip", [0, "8"]), ("load_in_4bit", 1)])
+def test_a_corrupt_value_in_config_json_is_one_line(model_dir, tmp_path, capsys, key, value):
+    run = fake_run(tmp_path / "run", model_dir)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, key: value}))
+    assert f"config.json has {key} = {value!r}" in fails_with_one_line(capsys, ["--resume", str(run), "--steps", "3"])
+
+
+@pytest.mark.parametrize("flags,says", [(["--threads", "-1"], "--threads"), (["--seed", str(10**20)], "--seed"),
+                                        (["--eval-data", "bogus=FILE"], "bogus is not a held-out task")])
+def test_bad_flags_are_one_line(model_dir, tmp_path, capsys, flags, says):
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), *SMALL, *flags])
+    assert says in line and not os.path.exists(tmp_path / "run")
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_intact_one(model_dir, tmp_path, capsys, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL, "--steps", "3",
+                                        "--save-every", "1"], code=1)
+    assert "cannot write the step-2 checkpoint (" in line and "No space left on device" in line
+    assert f"last good checkpoint: {out / 'checkpoint'} (step 1)" in line
+    assert not (out / "checkpoint.tmp").exists() and train.read_state(str(out))["step"] == 1
+
+
+def test_ctrl_c_ends_the_run_with_one_line_naming_the_last_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out", str(out),
+                          *SMALL, "--steps", "100000", "--save-every", "1"], stderr=subprocess.PIPE, text=True,
+                         stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoint" / "state.pt").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        time.sleep(0.3)                                   # somewhere in the next steps, maybe inside a save
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [line for line in err.splitlines() if line.startswith("train.py:")
+             and not line.startswith(("train.py: step ", "train.py: warning"))]
+    step = train.read_state(str(out))["step"]
+    assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (p.returncode, err[-2000:])
+    assert lines[0] == f"train.py: stopped by SIGINT; last good checkpoint: {out / 'checkpoint'} (step {step})"
+
+
+def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):
+    """The handler train.py installs on the command line (the test above: a real process), here for SIGTERM."""
+    run = fake_run(tmp_path / "run", model_dir)
+    torch.save({"step": 7, "optimizer": {}, "rng": {}, "snapshots": []}, run / "checkpoint" / "state.pt")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.stop_on_signals(str(run))
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)                                 # the handler runs at the next bytecode
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL        # a second SIGTERM ends it at once
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == f"train.py: stopped by SIGTERM; last good checkpoint: {run / 'checkpoint'} " \
+                                      f"(step 7)\n"

@@ -263,8 +263,8 @@ def run_eval(args):
                                "metrics": summarize(per_problem(problems), args.bootstrap, args.seed),
                                "problems": problems}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f)
+    from run_folder import write_atomic
+    write_atomic(args.out, json.dumps(out))   # comedy.py and --compare trust the file: never a truncated one
     out["path"] = args.out
     return out
 

@@ -1,15 +1,18 @@
-"""run_folder.py -- what a run folder holds, written and read back: checkpoints, metrics.jsonl, the report.
+"""run_folder.py -- what a run folder holds, written and read back: provenance, the one-writer lock, checkpoints,
+metrics.jsonl, the report; and what a folder is (run, checkpoint, model), so train.py writes only into its own.
 
-    <run>/config.json      the Config of train.py (written by train.start_run), its paths relative to the repository
-                           root when they lie inside it, plus provenance written once, when the run starts:
-                           code_commit / code_dirty (code_version) and model_id (model_identity)
+    <run>/.lock            the one-writer lock (lock_run): an flock held by the writing process, which it names
+    <run>/config.json      the Config of train.py (written atomically by train.start_run), its paths relative to the
+                           repository root when they lie inside it, plus provenance written once, when the run
+                           starts: code_commit / code_dirty (code_version) and model_id (model_identity)
     <run>/metrics.jsonl    one record per step ("type": "train") and per held-out evaluation ("type": "eval")
     <run>/checkpoint/      the peft adapter + state.pt (optimizer, RNG states, step, async snapshots), written to
                            checkpoint.tmp and renamed into place, so a crash leaves checkpoint or checkpoint.old
     <run>/metrics.png      the main curves, and a markdown summary on stdout (report)
 
 state.pt holds tensors and plain values only and is read with weights_only=True: a run folder is data that a user
-may have been handed, never code to execute. Kept apart from train.py so the training loop reads as the recipe.
+may have been handed, never code to execute (read_adapter_config bounds an adapter's ranks before peft allocates
+them). Kept apart from train.py so the training loop reads as the recipe.
 """
 import contextlib
 import fcntl
@@ -122,6 +125,22 @@ def local(path, root=None):
 # ---------------------------------------------------------------------------------------------------------
 # One writer per run folder, and what a folder is
 # ---------------------------------------------------------------------------------------------------------
+def write_atomic(path, text):
+    """Write text to path so that a reader finds the old file or the new one, never a part of either: a temporary
+    file in the same folder, flushed to disk, then renamed over path (os.replace is atomic)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def read_json(path):
     """A small JSON file's value, or None if it is missing or unreadable."""
     try:
@@ -306,7 +325,7 @@ def restore(state, optimizer, snapshots, metrics_path):
     # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
     kept = [line for line in open(metrics_path) if json.loads(line)["step"] < state["step"]] \
         if os.path.isfile(metrics_path) else []
-    open(metrics_path, "w").writelines(kept)
+    write_atomic(metrics_path, "".join(kept))                # a crash here must not lose the kept steps
     return state["step"]
 
 

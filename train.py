@@ -55,7 +55,7 @@ from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from run_folder import (checkpoint_dir, code_version, folder_kind, is_run_config, last_checkpoint, local, lock_run,
                         max_lora_rank, model_identity, one_line, portable, read_adapter_config, read_json, read_state,
-                        release_run, report, restore, save_checkpoint)
+                        release_run, report, restore, save_checkpoint, write_atomic)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -510,7 +510,7 @@ def start_run(cfg, argv):
     stored = {**asdict(cfg), "out": out, **provenance}
     stored.update({k: portable(stored[k]) for k in PATHS})
     stored["eval_data"] = eval_files(cfg.eval_data, portable)
-    json.dump(stored, open(os.path.join(out, "config.json"), "w"), indent=2)
+    write_atomic(os.path.join(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
     if state:                                                # every resume is on record, with the flags and code it had
         with open(os.path.join(out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],

@@ -1,6 +1,7 @@
 """A run folder nobody can corrupt (issue 17): provenance (code version, base model identity, portable paths), one
 writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
 one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
+import builtins
 import dataclasses
 import errno
 import fcntl
@@ -376,3 +377,64 @@ def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):
     assert e.value.code == 128 + signal.SIGTERM
     assert capsys.readouterr().err == f"train.py: stopped by SIGTERM; last good checkpoint: {run / 'checkpoint'} " \
                                       f"(step 7)\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Atomic writes: a reader finds the old file or the new one, never a part
+# ---------------------------------------------------------------------------------------------------------
+def full_disk_on(monkeypatch, name, *modules):
+    """open() in `modules` gives files named like `name` whose first write stores half of its text, then fails."""
+    class Half:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def writelines(self, lines):
+            self.write("".join(lines))
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        return Half(f) if "w" in mode and name in os.path.basename(str(path)) else f
+    for m in modules:
+        monkeypatch.setattr(m, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl"])
+def test_a_failed_write_on_resume_leaves_config_and_metrics_whole(model_dir, tmp_path, capsys, monkeypatch, name):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, "--out", str(out), *SMALL, "--save-every", "1", "--steps", "3"]) == 0
+    recs = [line for line in open(out / "metrics.jsonl") if '"train"' in line]
+    (out / "checkpoint").rename(out / "old")                        # resume from step 2: metrics.jsonl is rewritten
+    shutil.copytree(out / "old", out / "checkpoint")
+    torch.save({**train.read_state(str(out)), "step": 2}, out / "checkpoint" / "state.pt")
+    shutil.rmtree(out / "old")
+    before = (out / name).read_text()
+    full_disk_on(monkeypatch, name, train, run_folder)
+    line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "4"])
+    assert "No space left on device" in line and len(recs) == 3
+    assert (out / name).read_text() == before and not list(out.glob("*.tmp"))   # the old file, whole
+
+
+def test_a_failed_write_leaves_the_eval_result_whole(model_dir, tmp_path, monkeypatch):
+    import eval as ev
+    fast = ["--model", model_dir, "--tasks", "arith", "--samples", "1", "--limit", "4", "--max-new-tokens", "4",
+            "--bootstrap", "20", "--out", str(tmp_path / "eval.json")]
+    ev.run_eval(ev.resolve(ev.parse_args(fast)))
+    before = (tmp_path / "eval.json").read_text()
+    full_disk_on(monkeypatch, "eval.json", ev, run_folder)
+    with pytest.raises(OSError):
+        ev.run_eval(ev.resolve(ev.parse_args(fast)))
+    assert (tmp_path / "eval.json").read_text() == before and os.listdir(tmp_path) == ["eval.json"]

@@ -369,14 +369,16 @@ def save(out, model, optimizer, step, snapshots):
 
 def stop_on_signals(out):
     """The command line: SIGINT (Ctrl-C) and SIGTERM (a scheduler) end the run with one line naming the last good
-    checkpoint, exit 128 + the signal's number; a second signal ends it at once."""
+    checkpoint, exit 128 + the signal's number; a second signal ends it at once. A signal the caller ignores (a
+    shell's background job ignores SIGINT) stays ignored."""
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
         where = last_checkpoint(out) if out else "nothing was written"
         print(f"train.py: stopped by {signal.Signals(signum).name}; {where}", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, stop)
 
 
 ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)

@@ -134,8 +134,11 @@ def test_two_processes_on_one_folder_one_wins_and_ctrl_c_names_its_checkpoint(mo
     its last checkpoint, exit 130, and the folder holds one run: every line parses, each step once."""
     out = tmp_path / "race"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # k1-in-loss: the random model's rewards are all 0, so k1-in-reward's gradient is exactly 0 (π_θ = π_ref) and
+    # the zero-gradient stop would end the winner after 20 steps
     procs = {seed: subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out",
-                                     str(out), *SMALL, "--steps", "100000", "--save-every", "1", "--seed", str(seed)],
+                                     str(out), *SMALL, "--steps", "100000", "--save-every", "1", "--seed", str(seed),
+                                     "--kl", "k1-in-loss", "--beta", "0.1"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for seed in (1, 2)}
     try:

@@ -152,7 +152,7 @@ PRESETS = {
     # 135M-Instruct on arith_q, out of domain mul_q. T = 0.7: at T = 1 its samples are almost never right.
     "smollm2-cpu": dict(model="smollm2-135m", task="arith_q", eval_tasks=("arith_q", "mul_q"), group_size=8,
                         prompts_per_step=4, max_new_tokens=32, temperature=0.7, lr=1e-3, steps=30, eval_every=0,
-                        eval_n=200, save_every=10, threads=1),
+                        eval_n=200, save_every=10, threads=1, share_prompt=True),
 }
 
 
@@ -441,9 +441,12 @@ def load_data(cfg):
         raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "
                          f"{cfg.model} (a larger rank adds parameters, not capacity)")
     context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
-    questions = [ex["question"] for rows in (train, *held_out.values()) for ex in rows]
+    questions = sorted({ex["question"] for rows in (train, *held_out.values()) for ex in rows})
+    # the template adds the same text to every question: render only the 64 longest questions (rendering all 10k
+    # took ~4 s per run), so the longest prompt is among them up to a token or two at the seams, checked exactly
+    by_length = sorted(zip(map(len, tok(questions)["input_ids"]), questions))[-64:]
     longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
-                                           for q in questions])["input_ids"])
+                                           for _, q in by_length])["input_ids"])
     if context and longest + cfg.max_new_tokens > context:
         raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
                          f"model's context of {context} tokens")

@@ -49,8 +49,9 @@ SETUPS = {
     # the real model (real_model.py) on its task, one β where the KL term matters (β·KL ≈ 0.1-0.5 of the reward)
     "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q",
                     arms=("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss"), betas=(0.05,),
-                    seeds=(0, 1), steps=None, eval_n=200, train=["--preset", "smollm2-cpu", "--save-every", "5"],
-                    eval=["--model", "smollm2-135m", "--max-new-tokens", "48", "--batch-size", "50"], temperature=0.7),
+                    seeds=(0, 1), steps=None, eval_n=200,       # the runs' own held-out evals: greedy on 50 (eval.py does the rest)
+                    train=["--preset", "smollm2-cpu", "--save-every", "5", "--eval-modes", "greedy", "--eval-n", "50"],
+                    eval=["--model", "smollm2-135m", "--max-new-tokens", "32", "--batch-size", "50"], temperature=0.7),
 }
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}  # t_{0.975, df}
 MARGIN = 0.02      # accuracy differences smaller than this count as "the same" (2 of 100 problems)

@@ -381,7 +381,7 @@ def stop_on_signals(out):
             signal.signal(signum, stop)
 
 
-ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)
+ZERO_GRAD_STEPS = 20   # K: a run whose first K steps all have gradient norm exactly 0 stops (nothing can learn)
 
 
 def first_nonfinite(model):
@@ -393,10 +393,13 @@ def first_nonfinite(model):
 
 
 def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
-    """Count steps whose gradient norm is exactly 0 in a row: warn at the first, -> a one-line reason to stop at
-    ZERO_GRAD_STEPS, naming the cause when this batch shows it; else None. state: {"zeros": n, "warned": bool}."""
-    state["zeros"] = state["zeros"] + 1 if grad_norm == 0 else 0
-    if not state["zeros"]:
+    """Silent no-op training: -> a one-line reason to stop when this run's first ZERO_GRAD_STEPS steps all had
+    gradient norm exactly 0 (a configuration that cannot learn), naming the cause when this batch shows it; else
+    None. Once a step had a gradient, a later zero streak is a result (an arm without KL whose completions all fail:
+    every advantage 0), not a configuration: warned once, the run goes on. state: {"zeros", "moved", "warned"}."""
+    state["moved"] = state["moved"] or grad_norm > 0
+    state["zeros"] = 0 if state["moved"] else state["zeros"] + 1
+    if grad_norm > 0 or state["warned"]:
         return None
     if (logp[mask.bool()] == 0).all():
         cause = f"every sampled token has probability 1 at --temperature {cfg.temperature:g} (sampling is greedy)"
@@ -404,13 +407,14 @@ def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
         cause = "every group's completions got the same reward, so every advantage is 0 (and the KL is 0 at π_ref)"
     else:
         cause = "cause unknown"
-    if not state["warned"]:
-        state["warned"] = True
-        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause}); the run stops after "
-              f"{ZERO_GRAD_STEPS} such steps in a row", file=sys.stderr)
     if state["zeros"] >= ZERO_GRAD_STEPS:
-        return (f"gradient norm exactly 0 for {ZERO_GRAD_STEPS} steps in a row (to step {step}: {cause}); "
+        return (f"gradient norm exactly 0 at each of the first {ZERO_GRAD_STEPS} steps (to step {step}: {cause}); "
                 "nothing is learning, stopping")
+    if state["moved"] or state["zeros"] == 1:
+        state["warned"] = state["moved"]                    # before any gradient: warn once more when it stops
+        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause})"
+              + ("" if state["moved"] else f"; the run stops if its first {ZERO_GRAD_STEPS} steps all are"),
+              file=sys.stderr)
     return None
 
 
@@ -570,7 +574,7 @@ def main(argv=None):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    zeros = {"zeros": 0, "warned": False}                   # steps in a row with gradient norm exactly 0
+    zeros = {"zeros": 0, "moved": False, "warned": False}   # steps with gradient norm exactly 0 (zero_gradient)
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:

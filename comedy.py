@@ -222,8 +222,8 @@ def claims(recs, betas):
     tests = [   # (claim, verdict rule, its paired differences, what they are)
         ("K3-in-reward collapses: its final greedy accuracy falls below no-KL's", directional, -1, MARGIN,
          paired_diff(recs, "k3-in-reward", "none", "in_greedy", [hi]), f"k3-in-reward − none, in domain, β = {hi:g}"),
-        ("K1-in-loss becomes unstable as β grows: a larger drop of the training reward", directional, -1, 0.01,
-         between_betas("k1-in-loss", "reward_drop"), f"largest reward drop at β = {lo:g} − at β = {hi:g}"),
+        ("K1-in-loss becomes unstable as β grows: a larger drop of the training reward", directional, 1, 0.01,
+         [-d for d in between_betas("k1-in-loss", "reward_drop")], f"largest reward drop at β = {hi:g} − at β = {lo:g}"),
         ("K3-in-loss is worse than K1-in-reward in domain", directional, 1, MARGIN, k1r_k3l["in"],
          "greedy accuracy, k1-in-reward − k3-in-loss, every β and seed"),
         ("K3-in-loss is worse than K1-in-reward out of domain", directional, 1, MARGIN, k1r_k3l["ood"],

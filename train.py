@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -392,6 +392,21 @@ def first_nonfinite(model):
     return next(n for n, p in named if not p.isfinite().all())
 
 
+@contextmanager
+def finite_sampling(step, out):
+    """Weights can stay finite and still overflow the forward pass (`--lr 1e30`: every LoRA value ~1e30): then
+    generate's multinomial meets NaN probabilities. -> one line naming the step and the last checkpoint, exit 1."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        print(f"train.py: error: non-finite next-token probabilities while sampling at step {step}: the weights "
+              f"overflow in the forward pass (a learning rate too large?); {last_checkpoint(out)}, written after "
+              "the last update, which may hold the overflowing weights", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
     """Silent no-op training: -> a one-line reason to stop when this run's first ZERO_GRAD_STEPS steps all had
     gradient norm exactly 0 (a configuration that cannot learn), naming the cause when this batch shows it; else
@@ -578,8 +593,9 @@ def main(argv=None):
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
-            for rec in evaluate(model, tok, cfg, held_out, step):
-                write(rec)
+            with finite_sampling(step, out):
+                for rec in evaluate(model, tok, cfg, held_out, step):
+                    write(rec)
         # 1. sample: P prompts × G completions from the behaviour policy μ -------------------------------------
         t0 = clock()
         rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
@@ -590,7 +606,7 @@ def main(argv=None):
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))
         behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
-        with behaviour:
+        with behaviour, finite_sampling(step, out):
             ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
                          cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
                          compile=cfg.compile_decode)
@@ -663,8 +679,9 @@ def main(argv=None):
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save(out, model, optimizer, step + 1, snapshots)
     pbar.close()
-    for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
-        write(rec)
+    with finite_sampling(cfg.steps, out):
+        for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
+            write(rec)
     log.close()
     report(out)
     return 0

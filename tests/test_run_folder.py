@@ -289,6 +289,21 @@ def test_non_finite_parameters_stop_the_run_before_a_checkpoint(model_dir, tmp_p
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"train"' in line] == [0]
 
 
+def test_finite_weights_that_overflow_the_forward_pass_stop_with_one_line(model_dir, tmp_path, capsys):
+    """--lr 1e30 without clipping: AdamW's first update sets every LoRA value to ~±1e30, finite, so the parameter
+    guard passes, but the next forward pass overflows and generate met NaN probabilities (a 30-line traceback).
+    The shipped model: its groups' rewards differ at step 0, so the first update is not zero."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", os.path.join(ROOT, "assets", "tiny-arith"), "--out", str(out), "--steps", "3",
+                    "--prompts-per-step", "4", "--eval-every", "0", "--eval-n", "4", "--save-every", "1",
+                    "--lr", "1e30", "--max-grad-norm", "0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "non-finite next-token probabilities while sampling at step 1" in err[0] and "(step 1)" in err[0], err
+
+
 @pytest.mark.parametrize("flags,cause", [
     (["--temperature", "1e-9"], "sampling is greedy"),                      # log-probs saturate at 0: no gradient
     (["--kl", "none", "--constant-reward"], "got the same reward"),

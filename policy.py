@@ -212,12 +212,27 @@ def _logits(model, h, temperature=1.0):
     return (cap * torch.tanh(logits / cap) if cap else logits) / temperature
 
 
-def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512, keep_hidden=None,
+VOCAB_CHUNK_BYTES = 2**29     # 0.5 GiB: what the (rows, V) float32 tensors of one log-prob or exact-KL chunk may hold
+
+
+def vocab_chunks(n, vocab_size, tensors, cap=512):
+    """Row slices of about equal size covering range(n), each small enough that `tensors` float32 tensors of shape
+    (rows, vocab_size) fit VOCAB_CHUNK_BYTES: 512 rows (the cap) up to V ≈ 43k for log-probs, 64 rows at the least.
+    A row's log-prob or KL does not depend on its chunk (MKL and cuBLAS matmuls are row-invariant from 4 rows up;
+    equal sizes keep every chunk far above that)."""
+    rows = min(cap, max(64, VOCAB_CHUNK_BYTES // (tensors * 4 * vocab_size)))
+    k = -(-n // rows)                                              # number of chunks
+    size = -(-n // max(k, 1))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=None, keep_hidden=None,
                    group_size=1):
     """log π(y_t | s_t) of the completion tokens under logits/temperature: (N, C).
 
-    Logits are built `chunk` token rows at a time; under grad each chunk is checkpointed, so backward recomputes its
-    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit).
+    Logits are built a chunk of token rows at a time (`chunk` rows, default vocab_chunks: ~6 (rows, V) float32 tensors
+    within 0.5 GiB, i.e. 512 rows at V = 49k, 147 at V = 152k); under grad each chunk is checkpointed, so backward
+    recomputes its logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit).
     keep_hidden=k: return (log-probs, hidden) where hidden (M, H) holds the detached last-layer states of the real
     completion tokens of the first k rows, so the exact KL diagnostics need no decoder pass of their own.
     group_size: share each group's prompt pass (see _completion_hidden)."""
@@ -229,9 +244,9 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0
         return logits.gather(1, y_c[:, None]).squeeze(1) - logits.logsumexp(1)
 
     flat_h, flat_y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    out = []
-    for i in range(0, flat_y.numel(), chunk):
-        args = (flat_h[i:i + chunk], flat_y[i:i + chunk])
+    out = []                                  # 6 (n, V) tensors: logits, /T, 2 in logsumexp, 2 more in backward
+    for sl in vocab_chunks(flat_y.numel(), model.get_output_embeddings().out_features, 6, cap=chunk or 512):
+        args = (flat_h[sl], flat_y[sl])
         out.append(checkpoint(chunk_logp, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logp(*args))
     logp = torch.cat(out).view_as(targets)
@@ -251,26 +266,32 @@ def logprobs_in_chunks(model, ro, rows, temperature, keep_hidden=0, group_size=1
 
 
 @torch.no_grad()
-def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=512):
+def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=None):
     """Exact token-level KL(π‖π_ref), KL(π_ref‖π) and H(π) over the whole vocabulary (no estimator), averaged
     over the (M, H) hidden states of real completion tokens under π and π_ref. Only the LM head runs here: the
-    decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass)."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass).
+    Chunks of vocab_chunks rows (~10 (rows, V) float32 tensors within 0.5 GiB: 273 rows at V = 49k, 88 -> 64 at 152k;
+    `chunk` caps them); the sums do not depend on the chunk size."""
     # only an adapter on the LM head itself changes it ("all-linear" leaves it out); a toggle costs ~6 ms per chunk
     head_adapted = isinstance(model.get_output_embeddings(), LoraLayer)
     reference = model.disable_adapter if head_adapted else contextlib.nullcontext
-    for i in range(0, len(h), chunk):
-        logits = _logits(model, h[i:i + chunk])                            # (n, V)
+    per_row = []
+    for sl in vocab_chunks(len(h), model.get_output_embeddings().out_features, 10, cap=chunk or 512):
+        logits = _logits(model, h[sl])                                     # (n, V)
         with reference():
-            ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
-        reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
-        sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()
+            ref_logits = _logits(model, h_ref[sl])                         # (n, V)
+        per_row.append(torch.stack(full_kl(logits, ref_logits, temperature)))   # (3, n) reverse, forward, entropy
+    per_row = torch.cat(per_row, 1) if per_row else torch.zeros(3, 0)   # (3, M)
+    # summed 512 rows at a time in float32, then in float64: the order these metrics have always been summed in
+    sums = torch.zeros(3, dtype=torch.float64)
+    for blk in per_row.split(512, 1):
+        sums += torch.stack([row.sum() for row in blk]).double().cpu()
     reverse, forward, entropy = (sums / max(len(h), 1)).tolist()
     return {"token_rkl": reverse, "token_fkl": forward, "entropy": entropy}
 
 
 @torch.no_grad()
-def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
+def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=None):
     """kl_stats_from_hidden with its own two decoder passes (policy and reference) over the given rows."""
     keep = completion_mask.bool()
     h = _completion_hidden(model, input_ids, attention_mask, prompt_len)[keep]             # (M, H) real tokens

@@ -216,14 +216,15 @@ VOCAB_CHUNK_BYTES = 2**29     # 0.5 GiB: what the (rows, V) float32 tensors of o
 
 
 def vocab_chunks(n, vocab_size, tensors, cap=512):
-    """Row slices of about equal size covering range(n), each small enough that `tensors` float32 tensors of shape
-    (rows, vocab_size) fit VOCAB_CHUNK_BYTES: 512 rows (the cap) up to V ≈ 43k for log-probs, 64 rows at the least.
-    A row's log-prob or KL does not depend on its chunk (MKL and cuBLAS matmuls are row-invariant from 4 rows up;
-    equal sizes keep every chunk far above that)."""
+    """Row slices covering range(n), each small enough that `tensors` float32 tensors of shape (rows, vocab_size) fit
+    VOCAB_CHUNK_BYTES: 512 rows (the cap) up to V ≈ 43k for log-probs, 64 rows at the least. A row's log-prob or KL
+    does not depend on its chunk as long as the chunk has 4 rows or more (MKL and cuBLAS matmuls are row-invariant
+    from there): a tail of 1-3 rows is merged into the chunk before it, split in two halves."""
     rows = min(cap, max(64, VOCAB_CHUNK_BYTES // (tensors * 4 * vocab_size)))
-    k = -(-n // rows)                                              # number of chunks
-    size = -(-n // max(k, 1))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    cuts = list(range(0, n, rows)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 4:            # [.., a, b, n] with n - b < 4 -> [.., a, (a + n) // 2, n]
+        cuts[-2] = (cuts[-3] + n) // 2
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
 def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=None, keep_hidden=None,

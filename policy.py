@@ -83,6 +83,7 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     if load_in_4bit:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        fp32_head_only(base, dtype)
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
@@ -90,6 +91,22 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     return get_peft_model(base, lora), tokenizer
+
+
+def fp32_head_only(base, dtype):
+    """Undo prepare_model_for_kbit_training's fp32 upcast of every weight it does not quantise, except the LM head's.
+    The head needs fp32: log π and δ = log π − log π_ref come from its logits, and bf16 logits carry up to ±0.06 of
+    rounding at |logit| ≈ 16, more than a typical token's δ. The rest follows the compute dtype: the embedding is a
+    lookup, the RMS norms normalise in fp32 internally, and an fp32 embedding made the residual stream and the KV cache
+    fp32 under bf16 compute (twice their memory; 7B: +1.1 GB of embedding). A tied head keeps the shared weight in
+    fp32 and the embedding's output is cast down. With fp32 compute nothing changes."""
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    for p in base.parameters():
+        if p.dtype == torch.float32 and p is not head.weight:
+            p.data = p.data.to(dtype)
+    if embedding.weight is head.weight:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def peak_memory_gb():

@@ -72,3 +72,45 @@ def test_vocabulary_tensors_stay_within_half_a_gib_at_a_152k_vocabulary():
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.1 * 2**30 < peaks["diagnostics"] < 0.6 * 2**30, peaks
     assert 0.1 * 2**30 < peaks["grad"] < 0.6 * 2**30, peaks
+
+
+def untied_copy(model_dir, out):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_4bit_bf16_keeps_the_lm_head_fp32_and_the_residual_stream_and_kv_cache_bf16(model_dir, tmp_path, tied):
+    """prepare_model_for_kbit_training alone upcasts embedding, norms and head: the stream and KV cache were fp32."""
+    from policy import load_policy
+    model, _ = load_policy(model_dir if tied else untied_copy(model_dir, str(tmp_path / "m")), load_in_4bit=True,
+                           dtype="bf16")
+    base = model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    assert head.weight.dtype == torch.float32 and (embedding.weight is head.weight) == tied
+    assert embedding.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for n, p in base.named_parameters() if "norm" in n)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)     # LoRA
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(3, 290, (2, 7)), use_cache=True, output_hidden_states=True)
+    assert all(h.dtype == torch.bfloat16 for h in out.hidden_states)
+    assert out.past_key_values.layers[0].keys.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+
+
+def test_4bit_fp32_values_are_those_of_prepare_model_for_kbit_training_alone(model_dir, monkeypatch):
+    import policy
+    ids = torch.randint(3, 290, (3, 12))
+    got = {}
+    for name in ("ours", "peft"):
+        if name == "peft":
+            monkeypatch.setattr(policy, "fp32_head_only", lambda base, dtype: None)
+        torch.manual_seed(0)
+        model, _ = policy.load_policy(model_dir, load_in_4bit=True, dtype="fp32")
+        with torch.no_grad():
+            got[name] = policy.token_logprobs(model, ids, torch.ones_like(ids), 4)
+    assert torch.equal(got["ours"], got["peft"])

@@ -114,3 +114,10 @@ def test_4bit_fp32_values_are_those_of_prepare_model_for_kbit_training_alone(mod
         with torch.no_grad():
             got[name] = policy.token_logprobs(model, ids, torch.ones_like(ids), 4)
     assert torch.equal(got["ours"], got["peft"])
+
+
+def test_presets_train_lora_at_ten_times_the_papers_full_fine_tuning_lr():
+    import train
+    for preset in ("paper-onpolicy", "paper-async"):
+        assert train.parse_config(["--preset", preset]).lr == 1e-5
+        assert train.parse_config(["--preset", preset, "--lr", "1e-6"]).lr == 1e-6       # the paper's, one flag

@@ -6,8 +6,9 @@ is train.main with the loss matched to TRL's (k3-in-loss, --adv grpo = scale_rew
 loss_type="dr_grpo", use_bias_correction_kl=False); its split comes from metrics.jsonl. TRL's split comes from its own
 profiling contexts (transformers.generate, _prepare_inputs) plus Trainer callbacks around the optimizer step.
 
-Each arm runs in its own process (peak memory is its own: RSS on a CPU, max allocated on CUDA), arms interleaved over
---repeats rounds so the machine's load hits all alike; the first --warmup steps of each process are dropped.
+Each arm runs in its own process (peak memory is its own: RSS on a CPU, the caching allocator's peak reserve on CUDA),
+arms interleaved over --repeats rounds so the machine's load hits all alike; the first --warmup steps of each process
+are dropped.
 
     python bench.py                                            # tiny model, CPU: ours, the levers, TRL if installed
     python bench.py --length 64 --repeats 5 --json out.json
@@ -171,7 +172,7 @@ def ours(spec, tmp):
     steps = [{"generate": r["time_generate"], "no_grad": r["time_no_grad"], "policy": r["time_policy"],
               "optimizer": r.get("time_optimizer"), "step": r["time_step"], "length": r["completion_len"]}
              for r in recs]
-    result = {"steps": steps, "peak_mem_gb": recs[-1]["peak_mem_gb"]}
+    result = {"steps": steps, "peak_mem_gb": max(r["peak_mem_gb"] for r in recs)}   # CUDA: reset every step
     if spec["device"] == "cuda":
         result["decode_bytes"] = decode_bytes(seen["model"], P * G, 16 + L / 2)   # arith prompts: ~14-16 tokens
     return result

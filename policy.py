@@ -109,9 +109,30 @@ def fp32_head_only(base, dtype):
     head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
-def peak_memory_gb():
+def device_memory(device, what):
+    """Bytes: "total" (the GPU's memory, or RAM) or "used" (live CUDA tensors, or this process's RSS on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory if what == "total" else \
+            torch.cuda.memory_allocated(device)
+    if what == "total":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return 0
+
+
+def reset_peak_memory():
+    """On CUDA, start a new peak for peak_memory_gb (train.py: every step)."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb():
+    """CUDA: the caching allocator's peak reserve since reset_peak_memory (what the card had to hold: tensors plus
+    the allocator's cache); CPU: the process's peak RSS so far."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
 
 
@@ -272,6 +293,21 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0
         return logp
     real = attention_mask[:keep_hidden, prompt_len:].bool()               # (k, C) the completion mask of rollout()
     return logp, h[:keep_hidden].detach()[real]                           # (M, H) a copy: the pass's h can go
+
+
+def nograd_bytes_per_token(config, dtype_bytes):
+    """Bytes per token of a no-grad decoder pass at its peak (layers run one at a time, so depth does not count):
+    the MLP's intermediate activations in the compute dtype (gate, up, act·up) and the float32 LoRA branch of its
+    projections, plus a few hidden-size tensors. An upper bound on gpu_check.py's measurements (README: Memory)."""
+    c = config.get_text_config()
+    return c.intermediate_size * (3 * dtype_bytes + 12) + c.hidden_size * (8 * dtype_bytes + 16)
+
+
+def nograd_chunk_rows(n, group_size, seq_len, bytes_per_token, free_bytes):
+    """Rows per no-grad pass (whole groups, at least one; at most n) whose decoder working set and one
+    vocabulary chunk fit free_bytes. The rows do not change any value (each row's log-probs are its own)."""
+    fit = int((free_bytes - VOCAB_CHUNK_BYTES) // max(seq_len * bytes_per_token, 1)) // group_size * group_size
+    return max(group_size, min(n, fit))
 
 
 @torch.no_grad()

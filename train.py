@@ -103,6 +103,8 @@ class Config:
     micro_batch_size: int = arg(256, "sequences per forward/backward pass", OPT)
     optim: str = arg("adamw", "optimizer", OPT, choices=("adamw", "paged_adamw_8bit"))
     share_prompt: bool = arg(False, "log-prob passes run a group's prompt once for its G rows (float rounding)", OPT)
+    memory_budget_gb: float = arg(None, "memory (GiB) the no-grad passes may fill; sets their rows per pass (default: "
+                                  "the GPU's memory, or RAM on a CPU)", OPT, type=float)
     max_new_tokens: int = arg(8, "completion length limit", GEN)
     temperature: float = arg(1.0, "sampling temperature (KL and ratios use logits / T too)", GEN)
     rollout_batch_size: int = arg(0, "sequences per generate call (0 = the whole batch)", GEN)
@@ -147,7 +149,7 @@ PRESETS = {
 
 
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
-             "export")                                       # speed and logging only: cannot change the run
+             "memory_budget_gb", "export")                                       # speed and logging only: cannot change the run
 EXAMPLES = """examples:
   python train.py                                             # the offline default: tiny model, arith, k1-in-reward
   python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
@@ -352,13 +354,16 @@ def main(argv=None):
         out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(str(e).strip().splitlines()[0])
-    from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
-                        peak_memory_gb, rollout, rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
+    from policy import (adapter_snapshot, clock, device_memory, kl_stats_from_hidden, logprobs_in_chunks as
+                        logprobs_nograd, nograd_bytes_per_token, nograd_chunk_rows, peak_memory_gb, reset_peak_memory, rollout,
+                        rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
-    nb = max(cfg.rollout_batch_size, mb)                     # no-grad passes keep no activations: bigger chunks
-    nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
+    # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory levers)
+    device = model.get_input_embeddings().weight.device
+    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else device_memory(device, "total")
+    per_token = nograd_bytes_per_token(model.config, 4 if model.config.dtype == torch.float32 else 2)
     # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
     # unless dropout would perturb it
     nograd_policy_pass = cfg.lora_dropout > 0
@@ -384,11 +389,14 @@ def main(argv=None):
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))
         behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
+        reset_peak_memory()                                  # peak_mem_gb: this step's peak
         with behaviour:
             ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
                          cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
                          compile=cfg.compile_decode)
             t1 = clock()
+            nb = nograd_chunk_rows(N, G, ro["input_ids"].shape[1], per_token, budget - device_memory(device, "used"))
+            nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
             behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, 0, shared)[0] if cfg.async_level \
                 else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]

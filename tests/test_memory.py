@@ -1,5 +1,6 @@
 """Memory (issues 16 and 19): vocabulary-sized tensors stay within their budget at a real vocabulary, measured as the
 peak RSS of a fresh process (Linux only: /proc/self/status VmHWM, reset through /proc/self/clear_refs)."""
+import argparse
 import json
 import os
 import subprocess
@@ -74,6 +75,20 @@ def test_vocabulary_tensors_stay_within_half_a_gib_at_a_152k_vocabulary():
     assert 0.1 * 2**30 < peaks["grad"] < 0.6 * 2**30, peaks
 
 
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/status")
+def test_memory_model_extrapolates_a_small_config_to_its_direct_measurement(tmp_path):
+    """gpu_check.py's CPU memory model (1 and 2 layers, 1 and 2 short rows -> full depth and shape) against the same
+    phases measured directly at full depth (4 layers) and shape, in fresh processes."""
+    import gpu_check
+    args = argparse.Namespace(device="cpu", threads=1, cache=str(tmp_path))
+    text, errors = gpu_check.small_check(args)
+    assert set(errors) == {"static", "generate", "no-grad", "grad", "diagnostics"}, text
+    assert all(abs(e) < 0.25 for e in errors.values()), text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Only the LM head stays fp32 under 4-bit; the no-grad rows come from a budget; the presets' learning rate
+# ---------------------------------------------------------------------------------------------------------
 def untied_copy(model_dir, out):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     cfg = AutoConfig.from_pretrained(model_dir)
@@ -114,6 +129,50 @@ def test_4bit_fp32_values_are_those_of_prepare_model_for_kbit_training_alone(mod
         with torch.no_grad():
             got[name] = policy.token_logprobs(model, ids, torch.ones_like(ids), 4)
     assert torch.equal(got["ours"], got["peft"])
+
+
+def test_nograd_chunk_rows_are_whole_groups_within_the_budget():
+    from policy import VOCAB_CHUNK_BYTES, nograd_chunk_rows
+    per_token, seq = 1000, 100                                    # 0.1 MB per row
+    for free_mb, want in [(-1, 5), (0.7, 5), (1, 10), (2.4, 20), (10_000, 255)]:   # at least one group, at most n
+        rows = nograd_chunk_rows(255, 5, seq, per_token, VOCAB_CHUNK_BYTES + free_mb * 1e6)
+        assert rows == want and rows % 5 == 0
+
+
+def test_memory_budget_sets_the_no_grad_rows_and_changes_no_value(model_dir, tmp_path, monkeypatch):
+    import policy
+    import train
+    seen, chunks = [], policy.logprobs_in_chunks
+
+    def recording(model, ro, rows, *args, **kwargs):
+        seen.append(rows)
+        return chunks(model, ro, rows, *args, **kwargs)
+    monkeypatch.setattr(policy, "logprobs_in_chunks", recording)
+    small = ["--model", model_dir, "--steps", "2", "--prompts-per-step", "3", "--group-size", "2",
+             "--max-new-tokens", "4", "--eval-n", "4", "--eval-every", "0", "--lr", "0.05", "--kl", "k1-in-reward"]
+    recs = {}
+    for budget in (None, "0.000001"):
+        out = tmp_path / str(budget)
+        assert train.main(small + ["--out", str(out)] + (["--memory-budget-gb", budget] if budget else [])) == 0
+        recs[budget] = [{k: v for k, v in json.loads(line).items() if not k.startswith("time_") and
+                         k not in ("tokens_per_s", "peak_mem_gb")} for line in open(out / "metrics.jsonl")]
+    assert [len(rows) for rows in seen] == [1, 1, 3, 3]                  # all 6 rows at once, then one group (2 rows)
+    assert recs[None] == recs["0.000001"]
+
+
+def test_peak_memory_reads_the_cuda_reserve_and_train_resets_it_every_step(model_dir, tmp_path, monkeypatch):
+    import policy
+    import train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    assert policy.peak_memory_gb() == 3.0
+    monkeypatch.undo()
+    resets = []
+    monkeypatch.setattr(policy, "reset_peak_memory", lambda: resets.append(1))
+    assert train.main(["--model", model_dir, "--steps", "3", "--prompts-per-step", "2", "--group-size", "2",
+                       "--max-new-tokens", "3", "--eval-n", "2", "--eval-every", "0", "--out", str(tmp_path)]) == 0
+    assert len(resets) == 3
 
 
 def test_presets_train_lora_at_ten_times_the_papers_full_fine_tuning_lr():

@@ -1,0 +1,432 @@
+"""gpu_check.py -- the memory model of a train.py step, and one command for every GPU table (issue 16).
+
+Memory model (--memory): each phase of a train.py step runs on a random model with a config's true width (hidden,
+intermediate, vocabulary, heads) and 1 and 2 layers, 4-bit NF4 with bf16 compute, LoRA r = 16 on every linear,
+gradient checkpointing, in a fresh process per model and depth. A phase's peak is read on the device it runs on:
+CUDA max_memory_reserved (what the card must hold), the cache emptied and the peak reset before each phase; a CPU
+process's peak RSS (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold at 64 KiB, so a freed
+tensor leaves RSS (by default glibc keeps freed blocks: RSS would measure the allocator, not the step). Memory is
+affine in depth (each layer adds weights, KV cache and checkpointed inputs), so depth 1 and 2 give the true depth:
+m(L) = m(1) + (L − 1)·(m(2) − m(1)). Phases, rows per call as train.main runs them, P = 200 prompt tokens:
+  static       4-bit weights, fp32 LM head (policy.fp32_head_only), LoRA, its gradients and AdamW states
+  generate     rollout of rollout-batch rows, exactly C new tokens (stop tokens masked)
+  no-grad      the reference pass over no-grad-chunk rows: log-probs and the diagnostics' hidden states
+  grad         the policy pass with grad and its backward over one micro-batch
+  diagnostics  the exact KLs over the LM head (D rows × C tokens)
+Each phase is split where its peak can move (decoder vs LM head, forward vs backward, prefill vs decoding) and the
+table takes the largest part. On CUDA every shape runs at its true rows, lengths and depth. On a CPU (slow: a 7B-wide
+layer decodes ~1 token/s) the parts run at 1 and 2 rows and a short sequence: each part is affine in rows, and its
+per-row share scales with the tokens the part reads (the KV cache grows by its exact tensor size per token); the
+vocabulary-sized chunks (0.5 GiB at most, policy.vocab_chunks) are filled in both probes, so they are measured as is.
+Every CPU cell is therefore extrapolated (depth, rows, tokens); `--check MODEL` compares it with a direct
+measurement at full depth and size.
+
+    python gpu_check.py --memory                    # the README's table: three configs x four shapes (CPU: ~1 h)
+    python gpu_check.py --memory --small            # a 0.5M-parameter config, measured directly and extrapolated
+    python gpu_check.py                             # on a GPU: everything below into gpu-check.md (<= 8 min on an H100)
+"""
+import argparse
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAPER_MODELS = ("qwen2.5-7b", "llama-3.1-8b", "qwen3-4b")
+PROMPT = 200                                    # prompt tokens: a MATH problem under a chat template
+PROBE = dict(prompt=32, new=192, decode=8)      # CPU probes: 224 tokens a row (>= 174 completion rows fill a chunk)
+GiB = 2**30
+# --small: a config measured at full depth and size on a CPU in seconds (fp32, not 4-bit: a CPU's bf16 matmuls and bnb's
+# per-call overhead are slow), next to its extrapolation from 1 and 2 layers; a 16 MiB vocabulary-chunk budget fills
+# its chunks (64 rows) in the probes as 0.5 GiB fills a 152k vocabulary's
+SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=32, intermediate_size=8192,
+             num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4, vocab_size=16384,
+             max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6)
+SMALL_CHUNK_BYTES = 2**24
+SMALL_SHAPE = dict(n=8, g=4, rollout=4, micro=4, diag=4, new=32, prompt=48)
+SMALL_PROBE = dict(prompt=16, new=64, decode=8)
+
+
+def shapes():
+    """name -> per-call rows and lengths of a train.main step: n sequences, G, rollout rows, micro-batch rows,
+    diagnostics rows D, new tokens C (no-grad rows come from the memory budget: train.nograd_rows)."""
+    import train
+    out = {"8 × 256": dict(n=8, g=8, rollout=8, micro=8, diag=8, new=256),
+           "64 × 512": dict(n=64, g=8, rollout=64, micro=8, diag=8, new=512)}
+    for name in ("paper-onpolicy", "paper-async"):
+        p = train.PRESETS[name]
+        g, n = p["group_size"], p["prompts_per_step"] * p["group_size"]
+        out[name] = dict(n=n, g=g, rollout=p["rollout_batch_size"], micro=max(1, p["micro_batch_size"] // g) * g,
+                         diag=min(n, p["micro_batch_size"], 64), new=p["max_new_tokens"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring: the device's memory, a random model of a config at some depth, one step's phases
+# ---------------------------------------------------------------------------------------------------------
+def mem(device, what):
+    """Bytes: "now" (reserved / RSS), "peak" since the last "reset" (which also empties the CUDA cache and hands
+    glibc's free heap pages back, so that a phase's peak holds its own tensors and the live ones before it)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        if what == "reset":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_reserved() if what == "now" else torch.cuda.max_memory_reserved()
+    if what == "reset":
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)                     # glibc: free heap pages (small blocks) back to the OS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                    # peak RSS := current RSS
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+)" if what == "now" else r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+
+
+def random_model(config, layers, cache):
+    """cache/NAME-L{layers}: the config at that depth, random bf16 weights (N(0, 0.02)), the tiny tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+    name = os.path.basename(config)[:-5] if config.endswith(".json") else os.path.basename(config)
+    out = os.path.join(cache, f"{name}-L{layers}")
+    if os.path.isfile(os.path.join(out, "tokenizer.json")):
+        return out
+    cfg = json.load(open(config))
+    cfg.update(num_hidden_layers=layers)
+    for key in ("max_window_layers",):
+        if key in cfg:
+            cfg[key] = min(cfg[key], layers)
+    if "layer_types" in cfg:
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    with no_init_weights():                                  # HF's init is slow at this size; any weights will do
+        net = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    net.save_pretrained(out)
+    AutoTokenizer.from_pretrained(os.path.join(HERE, "assets", "tiny-arith")).save_pretrained(out)
+    return out
+
+
+def kv_bytes_per_token(cfg, bytes_per_value=2):
+    """K and V of one token, every layer (the cache follows the compute dtype: policy.fp32_head_only)."""
+    c = cfg.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_key_value_heads * head_dim * c.num_hidden_layers * bytes_per_value
+
+
+def measure(spec):
+    """spec["folder"] (one config at one depth) in this process -> {"static": bytes, "probes": [{...probe, "parts":
+    {part: bytes}}]}. Bytes are above the process's memory before the model was loaded."""
+    import torch
+    import policy
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.utils import GenerationMixin
+    torch.set_num_threads(spec["threads"])
+    policy.VOCAB_CHUNK_BYTES = spec.get("chunk_bytes", policy.VOCAB_CHUNK_BYTES)
+    device = torch.device(spec["device"])
+    base = mem(device, "now")
+    model, tok = policy.load_policy(spec["folder"], load_in_4bit=spec["four_bit"], gradient_checkpointing=True,
+                                    dtype=spec["dtype"], device=str(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    parts = {}                                               # part -> peak bytes of the current probe
+
+    def close(part):                                         # the peak since the last close belongs to `part`
+        parts[part] = max(parts.get(part, 0), mem(device, "peak") - base)
+        mem(device, "reset")
+
+    decoder = policy._completion_hidden
+
+    def timed_decoder(*args, **kwargs):                      # the decoder pass vs the LM head's chunks after it
+        close("before")
+        h = decoder(*args, **kwargs)
+        close("decoder")
+        if h.requires_grad:                                  # backward reaches h once the head's chunks are done
+            h.register_hook(lambda g: close("head"))
+        return h
+    policy._completion_hidden = timed_decoder
+
+    class Steps(LogitsProcessor):                            # generate: the first call ends the prefill
+        def __call__(self, input_ids, scores):
+            close("decode" if "prefill" in parts else "prefill")
+            return scores
+
+    def batch(rows, prompt, new):
+        ids = torch.randint(3, 290, (rows, prompt + new), generator=torch.Generator().manual_seed(rows), device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_len": prompt}
+
+    # one backward and optimizer step first, so that LoRA's gradients and AdamW's states have been allocated
+    ro = batch(1, 4, 4)
+    policy.token_logprobs(model, ro["input_ids"], ro["attention_mask"], 4).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mem(device, "reset")
+    result = {"static": mem(device, "now") - base, "probes": []}
+    generate = GenerationMixin.generate                      # a meter at every decode step
+    GenerationMixin.generate = lambda self, *a, **k: generate(self, *a, logits_processor=LogitsProcessorList([Steps()]),
+                                                             **k)
+    for probe in spec["probes"]:
+        parts.clear()
+        mem(device, "reset")
+        rows, prompt, new, phase = probe["rows"], probe["prompt"], probe["new"], probe["phase"]
+        if rows == "budget":                                 # the no-grad rows train.py would pick for this budget
+            per_token = policy.nograd_bytes_per_token(model.config, 4 if spec["dtype"] == "fp32" else 2)
+            rows = probe["rows"] = policy.nograd_chunk_rows(probe["n"], probe["g"], prompt + new, per_token,
+                                                            probe["budget"] - policy.device_memory(device, "used"))
+        if phase == "generate":
+            model.eval()
+            policy.rollout(model, tok, ["+" * prompt] * rows, 1, new, 1.0, seed=0)
+        elif phase == "no-grad":
+            model.eval()
+            with model.disable_adapter():
+                policy.logprobs_in_chunks(model, batch(rows, prompt, new), [slice(0, rows)], 1.0, keep_hidden=rows)
+        elif phase == "grad":
+            model.train()
+            ro = batch(rows, prompt, new)
+            logp = policy.token_logprobs(model, ro["input_ids"], ro["attention_mask"], prompt)
+            logp.sum().backward()
+            opt.zero_grad(set_to_none=True)
+        else:                                                # diagnostics: LM head only, over rows × new states
+            h = torch.randn(rows * new, model.config.hidden_size, device=device)
+            policy.kl_stats_from_hidden(model, h, h + 0.01)
+        close({"generate": "decode", "no-grad": "head", "grad": "decoder backward"}.get(phase, phase))
+        parts.pop("before", None)
+        result["probes"].append({**probe, "parts": dict(parts)})
+    policy._completion_hidden = decoder
+    GenerationMixin.generate = generate
+    del model, opt, params
+    gc.collect()
+    return result
+
+
+def run_worker(*specs):
+    """[measure(spec) for spec in specs] in a fresh process with glibc's mmap threshold at 64 KiB, so that a freed
+    tensor leaves RSS and each model's peaks start from where the last one's memory was returned."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(specs[0]["threads"]),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(specs)], capture_output=True,
+                       text=True, env=env, cwd=HERE)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("MEMORY ")]
+    if p.returncode or not lines:
+        raise SystemExit(f"gpu_check.py: measuring {specs[0]['folder']} failed:\n" + (p.stdout + p.stderr)[-3000:])
+    return json.loads(lines[-1][7:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table: probes -> every shape's phases at true depth
+# ---------------------------------------------------------------------------------------------------------
+PHASES = ("generate", "no-grad", "grad", "diagnostics")
+
+
+WARM_UP = [dict(phase=phase, rows=1, prompt=4, new=4) for phase in PHASES]
+
+
+def cpu_probes(probe=PROBE, prompt=PROMPT):
+    """Each phase at 1 and 2 rows, short (see the module docstring); generate at the true prompt."""
+    out = []
+    for rows in (1, 2):
+        out += [dict(phase="generate", rows=rows, prompt=prompt, new=probe["decode"]),
+                dict(phase="no-grad", rows=rows, prompt=probe["prompt"], new=probe["new"]),
+                dict(phase="grad", rows=rows, prompt=probe["prompt"], new=probe["new"]),
+                dict(phase="diagnostics", rows=rows, prompt=0, new=probe["new"])]
+    return out
+
+
+def extrapolate(runs, cfg, depth, phase, rows, new, value_bytes=2, probe=PROBE, prompt=PROMPT):
+    """A phase's peak at `rows` × (prompt + new) and true `depth` from CPU probes at 1 and 2 rows and layers.
+    Per part: a per-row share s and the rest, both affine in depth. A layer adds to s only what it keeps for the row
+    (the KV cache while generating, its checkpointed input in the grad pass; all else is freed before the next layer
+    runs), so s is the two depths' mean less that known growth (a measured per-layer change of s would be mostly
+    noise, and depth 28 multiplies it by 27). s then scales with the tokens the part reads (decoding: + its KV)."""
+    def at(layers, r):
+        return next(p["parts"] for p in runs[layers]["probes"] if p["phase"] == phase and p["rows"] == r)
+    c = cfg.get_text_config()
+    kv_layer = kv_bytes_per_token(cfg, value_bytes) // c.num_hidden_layers       # one token, one layer
+    best = 0
+    for part in at(1, 1):
+        if phase == "generate":                              # the cache at the probe's end: prompt (+ decoded) tokens
+            grow = kv_layer * (prompt + (probe["decode"] if part == "decode" else 0))
+        else:                                                # the grad pass keeps each layer's input (rows, T, H)
+            grow = (probe["prompt"] + probe["new"]) * c.hidden_size * value_bytes if phase == "grad" else 0
+        share1 = (at(1, 2)[part] - at(1, 1)[part] + at(2, 2)[part] - at(2, 1)[part] - grow) / 2
+        rest = {L: (at(L, 1)[part] + at(L, 2)[part]) / 2 - 1.5 * (share1 + grow * (L - 1)) for L in (1, 2)}
+        fixed = rest[1] + (depth - 1) * (rest[2] - rest[1])
+        per_row = share1 + grow * (depth - 1)
+        if phase == "generate":
+            per_row += kv_layer * depth * (new - probe["decode"]) if part == "decode" else 0
+        elif phase == "diagnostics":
+            per_row *= new / probe["new"]
+        else:
+            per_row *= (prompt + new) / (probe["prompt"] + probe["new"])
+        best = max(best, fixed + rows * per_row)
+    return best
+
+
+def measured(config, layers, probes, args):
+    """run_worker for one config and depth; the result is cached (re-measuring a 7B-wide layer takes minutes)."""
+    key = json.dumps([os.path.basename(config), layers, probes, args.device, args.threads], sort_keys=True)
+    path = os.path.join(args.cache, "memory-" + hashlib.sha1(key.encode()).hexdigest()[:12] + ".json")
+    if os.path.isfile(path) and json.load(open(path))["key"] == key:
+        return json.load(open(path))["result"]
+    print(f"gpu_check.py: measuring {os.path.basename(config)} at {layers} layer(s)", file=sys.stderr, flush=True)
+    spec = dict(folder=random_model(config, layers, args.cache), four_bit=True, dtype="bf16", device=args.device,
+                threads=args.threads, probes=probes)
+    result = run_worker(spec)[0]
+    json.dump({"key": key, "result": result}, open(path, "w"))
+    return result
+
+
+def memory_table(args):
+    """Every config × shape: static and each phase's peak at true depth (GiB), and the no-grad rows of the budget."""
+    import torch
+    from transformers import AutoConfig
+    import policy
+    out = []
+    for config in args.models.split(","):
+        cfg = AutoConfig.for_model(**json.load(open(config)))
+        depth = cfg.get_text_config().num_hidden_layers
+        name = os.path.basename(config)[:-5]
+        if args.device == "cuda":                            # true depth and rows: measured, nothing extrapolated
+            probes = []
+            for shape in shapes().values():
+                probes += [p if p["phase"] != "no-grad" else dict(p, rows="budget", n=shape["n"], g=shape["g"],
+                                                                  budget=args.budget_gb * GiB)
+                           for p in true_probes(shape, 0)]
+            run = measured(config, depth, probes, args)
+            for i, shape_name in enumerate(shapes()):
+                peak = {p["phase"]: max(p["parts"].values()) for p in run["probes"][4 * i:4 * i + 4]}
+                out.append(dict(model=name, shape=shape_name, static=run["static"], generate=peak["generate"],
+                                nograd=peak["no-grad"], nograd_rows=run["probes"][4 * i + 1]["rows"], grad=peak["grad"],
+                                diagnostics=peak["diagnostics"]))
+            continue
+        runs = {layers: measured(config, layers, cpu_probes(), args) for layers in (1, 2)}
+        static = runs[1]["static"] + (depth - 1) * (runs[2]["static"] - runs[1]["static"])
+        for shape_name, shape in shapes().items():
+            seq = PROMPT + shape["new"]
+            per_token = policy.nograd_bytes_per_token(cfg, 2)
+            rows = policy.nograd_chunk_rows(shape["n"], shape["g"], seq, per_token, args.budget_gb * GiB - static)
+            row = dict(model=name, shape=shape_name, static=static, nograd_rows=rows,
+                       generate=extrapolate(runs, cfg, depth, "generate", shape["rollout"], shape["new"]),
+                       nograd=extrapolate(runs, cfg, depth, "no-grad", rows, shape["new"]),
+                       grad=extrapolate(runs, cfg, depth, "grad", shape["micro"], shape["new"]),
+                       diagnostics=extrapolate(runs, cfg, depth, "diagnostics", shape["diag"], shape["new"]))
+            out.append(row)
+    return out
+
+
+def true_probes(shape, nograd_rows, prompt=PROMPT):
+    """Each phase of a shape at its true rows and lengths (a direct measurement, at the folder's depth)."""
+    return [dict(phase="generate", rows=shape["rollout"], prompt=prompt, new=shape["new"]),
+            dict(phase="no-grad", rows=nograd_rows, prompt=prompt, new=shape["new"]),
+            dict(phase="grad", rows=shape["micro"], prompt=prompt, new=shape["new"]),
+            dict(phase="diagnostics", rows=shape["diag"], prompt=0, new=shape["new"])]
+
+
+def direct(run, phase):
+    return max(next(p["parts"] for p in run["probes"] if p["phase"] == phase).values())
+
+
+def small_check(args):
+    """The memory model on SMALL: extrapolated from 1 and 2 layers and 1-2 short rows vs measured at full depth and
+    size, on this device -> markdown, and the relative errors by phase."""
+    from transformers import AutoConfig
+    os.makedirs(args.cache, exist_ok=True)
+    config = os.path.join(args.cache, "small.json")
+    json.dump(SMALL, open(config, "w"))
+    cfg, depth = AutoConfig.for_model(**SMALL), SMALL["num_hidden_layers"]
+    spec = dict(four_bit=False, dtype="fp32", device=args.device, threads=args.threads, chunk_bytes=SMALL_CHUNK_BYTES)
+    sh = SMALL_SHAPE
+    probes = cpu_probes(SMALL_PROBE, sh["prompt"])
+    one, two, full = run_worker(*[{**spec, "folder": random_model(config, layers, args.cache), "probes": p}
+                                  for layers, p in ((1, probes), (2, probes), (depth, true_probes(sh, sh["n"], sh["prompt"])))])
+    runs = {1: one, 2: two}
+    rows, errors = ["| phase | extrapolated | measured | error |", "|---|---|---|---|"], {}
+    want = {"static": (runs[1]["static"] + (depth - 1) * (runs[2]["static"] - runs[1]["static"]), full["static"])}
+    for phase, r in (("generate", sh["rollout"]), ("no-grad", sh["n"]), ("grad", sh["micro"]),
+                     ("diagnostics", sh["diag"])):
+        want[phase] = (extrapolate(runs, cfg, depth, phase, r, sh["new"], 4, SMALL_PROBE, sh["prompt"]),
+                       direct(full, phase))
+    for phase, (x, m) in want.items():
+        errors[phase] = x / m - 1
+        rows.append(f"| {phase} | {x / 2**20:.0f} MiB | {m / 2**20:.0f} MiB | {100 * errors[phase]:+.0f}% |")
+    return "\n".join(rows), errors
+
+
+def markdown(table, budget_gb, how):
+    lines = [f"| model | shape | static | generate | no-grad (rows) | grad | diagnostics | peak | ≤ {budget_gb:g} GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        peak = max(r[k] for k in ("static", "generate", "nograd", "grad", "diagnostics")) / GiB
+        lines.append(f"| {r['model']} | {r['shape']} | {r['static'] / GiB:.1f} | {r['generate'] / GiB:.1f} | "
+                     f"{r['nograd'] / GiB:.1f} ({r['nograd_rows']}) | {r['grad'] / GiB:.1f} | "
+                     f"{r['diagnostics'] / GiB:.1f} | {peak:.1f} | {'yes' if peak <= budget_gb else '**no**'} |")
+    return "\n".join(lines) + f"\n\n{how}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memory", action="store_true", help="the memory table only")
+    ap.add_argument("--small", action="store_true", help="the memory model on a small config: extrapolated vs measured")
+    ap.add_argument("--models", default=",".join(os.path.join("configs", m + ".json") for m in PAPER_MODELS),
+                    help="comma list of config files (true width)")
+    ap.add_argument("--budget-gb", type=float, default=24.0, help="the card the table is fitted to (GiB)")
+    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/kl-rl-bench"), help="random models, measurements")
+    ap.add_argument("--out", default="gpu-check.md", help="the report of the full check")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:                                          # a list of specs: one import, freed between models
+        specs = json.loads(args.worker)
+        if not any(spec["four_bit"] for spec in specs):
+            sys.modules.setdefault("bitsandbytes", None)     # peft imports it if installed: ~1.2 s, never used here
+        import bench
+        bench.force_length()                                 # exactly C new tokens (stop tokens masked)
+        measure({**specs[0], "probes": WARM_UP})            # first-call costs (kernels, pools) are nobody's static
+        print("MEMORY " + json.dumps([measure(spec) for spec in specs]), flush=True)
+        return 0
+    import torch
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.makedirs(args.cache, exist_ok=True)
+    if args.small:
+        text, errors = small_check(args)
+        print(text)
+        return 0
+    if args.device != "cuda" and not args.memory:
+        raise SystemExit("gpu_check.py: the full check needs a GPU; on a CPU: --memory (extrapolated) or --small")
+    import torch
+    import transformers
+    start = time.time()
+    how = ("measured on " + torch.cuda.get_device_name() + ", true depth" if args.device == "cuda" else
+           "CPU, every cell extrapolated from 1 and 2 layers and 1-2 short rows (gpu_check.py)") + \
+        f"; GiB, max over the phase's parts; torch {torch.__version__}, transformers {transformers.__version__}; " \
+        f"{time.strftime('%Y-%m-%d')}"
+    text = markdown(memory_table(args), args.budget_gb, how)
+    print(text, flush=True)
+    if args.memory:
+        return 0
+    # a few real 4-bit steps of the 7B config at 8 × 256 with TRL beside them, the decode floor and the CUDA levers
+    folder = random_model(os.path.join(HERE, "configs", "qwen2.5-7b.json"), 28, args.cache)
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--model", folder, "--load-in-4bit", "--gradient-checkpointing",
+           "--prompts", "1", "--length", "256", "--repeats", "1", "--steps", "2", "--warmup", "1",
+           "--levers", "compile,bf16-copy", "--json", os.path.join(args.cache, "gpu-check-bench.json")]
+    bench = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    steps = bench.stdout.strip() if bench.returncode == 0 else "bench.py failed:\n" + bench.stderr[-2000:]
+    report = (f"# gpu_check.py ({time.time() - start:.0f} s)\n\n## Memory of a train.py step (budget "
+              f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Qwen2.5-7B-shaped QLoRA, random weights: `{' '.join(cmd[1:])}`"
+              f"\n\n{steps}\n")
+    open(args.out, "w").write(report)
+    print(f"gpu_check.py: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

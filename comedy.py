@@ -1,24 +1,30 @@
-"""comedy.py -- the paper's study at toy scale: KL arms × β × seeds on a CPU, with 95% CIs, in and out of domain.
+"""comedy.py -- the paper's study at small scale: KL arms × β × seeds on a CPU, with 95% CIs, in and out of domain.
 
-What it runs: train.py on the shipped tiny model and its `arith` task for every arm in ARMS, every β and every
-seed (the `none` arm has no β, so it runs once per seed and is reported as β = 0), then eval.py on each final
-adapter, in domain (`arith`) and out of domain (OOD, `arith_spaced`: the same held-out problems written "a + b ="),
-greedy and n = 4 samples at T = 1 (pass@1 and unbiased pass@4). Then it aggregates over seeds and checks each of
-the paper's claims (CLAIMS below), saying for each: holds / does not hold / cannot tell at this scale.
+What it runs: train.py for every arm in --arms, every β and every seed (the `none` arm has no β, so it runs once per
+seed and is reported as β = 0), then eval.py on each final adapter, in domain and out of domain (OOD), greedy and
+n = 4 samples (pass@1 and unbiased pass@4). Then it aggregates over seeds and checks each of the paper's claims that
+the grid has runs for (CLAIMS below), saying for each: holds / does not hold / cannot tell at this scale.
+Two setups (--setup):
+  tiny     the shipped 0.5M-parameter model on `arith`; OOD `arith_spaced` (the same held-out problems written
+           "a + b ="); 6 arms × β {0.05, 0.3, 1} × 6 seeds, 150 steps, T = 1.
+  smollm2  the real SmolLM2-135M-Instruct (real_model.py) with --preset smollm2-cpu on `arith_q`; OOD `mul_q` (the
+           times table: a skill RL on addition never trains); 5 arms × β 0.05 × 2 seeds, T = 0.7.
 
-Simplifications: the paper's 7B models, MATH and 250 steps become a 0.5M-parameter model, 2-digit addition and
-150 steps; CIs are over training seeds (t-interval on the seed means), the only randomness the paper's claims are
-about. "Collapse" and "instability" are measured by the final accuracy and by the largest drop of the training
-reward (5-step moving average, from its running maximum).
+Simplifications: the paper's 7B models, MATH and 250 steps become small models, arithmetic and short runs; CIs are
+over training seeds (t-interval on the seed means), the only randomness the paper's claims are about. "Collapse"
+and "instability" are measured by the final accuracy and by the largest drop of the training reward (5-step moving
+average, from its running maximum). A study is one code version: every run records the commit it ran from
+(train.py's config.json), and comedy.py refuses to add runs to, or summarise, a study that mixes commits.
 
 Commands
-  python comedy.py                      # the full study: 6 arms × β {0.05, 0.3, 1.0} × 3 seeds, 2 jobs (see README)
-  python comedy.py --jobs 1 --seeds 0 1 2 3 4
+  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1.0} × 6 seeds, 2 jobs (see README)
+  python comedy.py --setup smollm2      # the real-model study (see README; ~4 h on 2 cores)
   python comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
-Re-running skips finished runs (a run is finished when its eval.json exists; an interrupted one resumes from its
+Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its
 last checkpoint), so an interrupted study continues where it stopped.
-Outputs in --out (default results/comedy/): runs/<arm>-b<β>-s<seed>/ (train.py run folders with eval.json),
-runs.jsonl (one line per run: its config and final metrics), summary.md (tables and the claims), curves.png.
+Outputs in --out (default results/comedy/, results/comedy-smollm2/): runs/<arm>-b<β>-s<seed>/ (train.py run folders
+with eval.json), runs.jsonl (one line per run: its config and final metrics), summary.md (tables and the claims),
+curves.png; every path in them relative to the repository.
 """
 import argparse
 import ctypes
@@ -35,7 +41,18 @@ from run_folder import moving_average, read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
-IN, OOD = "arith", "arith_spaced"
+# --setup: the model, its in-domain and out-of-domain tasks, and how runs are trained and evaluated
+SETUPS = {
+    "tiny": dict(out="comedy", in_task="arith", ood_task="arith_spaced", arms=ARMS, betas=(0.05, 0.3, 1.0),
+                 seeds=(0, 1, 2, 3, 4, 5), steps=150, eval_n=500, train=["--save-every", "25"],
+                 eval=["--max-new-tokens", "8", "--batch-size", "125"], temperature=1.0),
+    # the real model (real_model.py) on its task, one β where the KL term matters (β·KL ≈ 0.1-0.5 of the reward)
+    "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q",
+                    arms=("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss"), betas=(0.05,),
+                    seeds=(0, 1), steps=None, eval_n=200,       # the runs' own held-out evals: greedy on 50 (eval.py does the rest)
+                    train=["--preset", "smollm2-cpu", "--save-every", "5", "--eval-modes", "greedy", "--eval-n", "50"],
+                    eval=["--model", "smollm2-135m", "--max-new-tokens", "32", "--batch-size", "50"], temperature=0.7),
+}
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}  # t_{0.975, df}
 MARGIN = 0.02      # accuracy differences smaller than this count as "the same" (2 of 100 problems)
 
@@ -56,31 +73,61 @@ def grid(args):
     return runs + [(a, b, s) for a in args.arms if a != "none" for b in args.betas for s in args.seeds]
 
 
+def finished(folder):
+    """A run is finished when its eval.json parses (eval.py writes it atomically, but an older or interrupted
+    write can leave a truncated file: that run is redone, not trusted)."""
+    try:
+        return "tasks" in json.load(open(os.path.join(folder, "eval.json")))
+    except (OSError, ValueError):
+        return False
+
+
 def run_one(args, arm, beta, seed):
     """Train (or resume) and evaluate one run; -> its folder. Output goes to <folder>/log.txt."""
     folder = os.path.join(args.out, "runs", f"{arm}-b{beta:g}-s{seed}")
-    if os.path.isfile(os.path.join(folder, "eval.json")):
+    if finished(folder):
         return folder                                                    # finished earlier
     has_ckpt = any(os.path.isfile(os.path.join(folder, c, "state.pt")) for c in ("checkpoint", "checkpoint.old"))
     if has_ckpt:
-        train = ["--resume", folder]
+        train = ["--resume", rel(folder)]
     else:
         subprocess.run(["rm", "-rf", folder], check=True)               # started but never checkpointed
-        train = ["--out", folder, "--kl", arm, "--beta", str(beta), "--seed", str(seed), "--steps", str(args.steps),
-                 "--eval-every", "0", "--eval-n", str(args.eval_n), "--eval-tasks", IN, OOD, "--save-every", "25",
-                 "--threads", "1", *args.train_flags]
-    evaluate = ["--adapter", folder, "--tasks", f"{IN},{OOD}", "--samples", "4", "--max-new-tokens", "8",
-                "--limit", str(args.eval_n), "--batch-size", "125", "--seed", str(seed),
-                "--out", os.path.join(folder, "eval.json")]
+        train = ["--out", rel(folder), "--kl", arm, "--beta", str(beta), "--seed", str(seed), "--eval-every", "0",
+                 "--eval-n", str(args.eval_n), "--eval-tasks", args.in_task, args.ood_task, "--threads", "1",
+                 *(["--steps", str(args.steps)] if args.steps else []), *args.setup["train"], *args.train_flags]
+    evaluate = ["--adapter", rel(folder), "--tasks", f"{args.in_task},{args.ood_task}", "--samples", "4",
+                "--temperature", str(args.setup["temperature"]), "--limit", str(args.eval_n), "--seed", str(seed),
+                *args.setup["eval"], "--out", rel(os.path.join(folder, "eval.json"))]
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open(os.path.join(folder, "log.txt"), "a") as log:
         for script, argv in (("train.py", train), ("eval.py", evaluate)):
             p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], stdout=log, stderr=log, env=env,
-                               preexec_fn=die_with_parent)
+                               cwd=HERE, preexec_fn=die_with_parent)
             if p.returncode:
                 raise RuntimeError(f"{script} failed for {folder} (exit {p.returncode}); see {folder}/log.txt")
     return folder
+
+
+def code_versions(folders):
+    """{(code_commit, code_dirty): [run folders]} of the runs' config.json (train.py records them)."""
+    out = {}
+    for f in folders:
+        cfg = json.load(open(os.path.join(f, "config.json")))
+        out.setdefault((cfg.get("code_commit"), cfg.get("code_dirty")), []).append(os.path.basename(f))
+    return out
+
+
+def one_version(folders, what):
+    """The study's single code version; a study that mixes versions is refused (exit 2): its differences between arms
+    could be differences between commits (float rounding alone moves a run: issue 19's k3-in-reward re-run)."""
+    versions = code_versions(folders)
+    if len(versions) > 1:
+        detail = "; ".join(f"{c or 'no commit'}{'-dirty' if d else ''}: {len(fs)} runs (e.g. {fs[0]})"
+                           for (c, d), fs in versions.items())
+        sys.exit(f"comedy.py: error: {what} mixes code versions ({detail}); re-run the study into a fresh --out, or "
+                 "delete the runs of the other version")
+    return next(iter(versions), (None, None))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +137,7 @@ def run_record(folder, arm, beta, seed):
     cfg = json.load(open(os.path.join(folder, "config.json")))
     train = read_metrics(folder, "train")
     ev = json.load(open(os.path.join(folder, "eval.json")))["tasks"]
+    seconds = {"train_seconds": sum(r["time_step"] for r in train), "eval_seconds": sum(t["seconds"] for t in ev.values())}
     tail = train[-max(1, len(train) // 10):]                             # the last 10% of steps
     reward = moving_average([r["reward"] for r in train], 5)
     peak, drop = -math.inf, 0.0
@@ -98,10 +146,11 @@ def run_record(folder, arm, beta, seed):
         drop = max(drop, peak - r)
     grad = sorted(r["grad_norm"] for r in train)
     rec = {"arm": arm, "beta": beta, "seed": seed, "steps": len(train), "lr": cfg["lr"], "group_size": cfg["group_size"],
-           "reward_drop": drop, "grad_spikes": sum(g > 5 * grad[len(grad) // 2] for g in grad)}
+           "code_commit": cfg.get("code_commit"), "code_dirty": cfg.get("code_dirty"),
+           "reward_drop": drop, "grad_spikes": sum(g > 5 * grad[len(grad) // 2] for g in grad), **seconds}
     for key in ("reward", "token_rkl", "token_fkl", "entropy", "kl_k1"):
         rec[key] = sum(r[key] for r in tail) / len(tail)
-    for task, tag in ((IN, "in"), (OOD, "ood")):
+    for task, tag in ((cfg["eval_tasks"][0], "in"), (cfg["eval_tasks"][1], "ood")):
         m = ev[task]["metrics"]
         rec.update({f"{tag}_greedy": m["greedy acc"]["mean"], f"{tag}_pass1": m["pass@1"]["mean"],
                     f"{tag}_pass4": m["pass@4"]["mean"]})
@@ -162,35 +211,38 @@ def equivalent(diffs, margin):
 
 
 def claims(recs, betas):
-    """Each of the paper's empirical claims -> (claim, verdict, the numbers that decide it)."""
+    """Each of the paper's empirical claims the study has the runs for -> (claim, verdict, the numbers that decide
+    it). A claim about β needs two β values; one about an arm needs its runs (the real-model study has 5 arms, 1 β)."""
     lo, hi = min(betas), max(betas)
     k1r_k3l = {t: paired_diff(recs, "k1-in-reward", "k3-in-loss", f"{t}_greedy", betas) for t in ("in", "ood")}
-    tests = [
-        ("K3-in-reward collapses: its final greedy accuracy falls below no-KL's",
-         directional(paired_diff(recs, "k3-in-reward", "none", "in_greedy", [hi]), MARGIN, -1),
-         f"k3-in-reward − none, in domain, β = {hi:g}"),
-        ("K1-in-loss becomes unstable as β grows: a larger drop of the training reward",
-         directional([a - b for a, b in zip(cell(recs, "k1-in-loss", hi, "reward_drop"),
-                                            cell(recs, "k1-in-loss", lo, "reward_drop"))], 0.01),
-         f"largest reward drop at β = {hi:g} − at β = {lo:g}"),
-        ("K3-in-loss is worse than K1-in-reward in domain",
-         directional(k1r_k3l["in"], MARGIN), "greedy accuracy, k1-in-reward − k3-in-loss, every β and seed"),
-        ("K3-in-loss is worse than K1-in-reward out of domain",
-         directional(k1r_k3l["ood"], MARGIN), "OOD greedy accuracy, k1-in-reward − k3-in-loss, every β and seed"),
-        ("... and the gap is largest out of domain",
-         directional([o - i for o, i in zip(k1r_k3l["ood"], k1r_k3l["in"])], MARGIN), "OOD gap − in-domain gap"),
-        (f"K3-in-both matches K1-in-reward (within ±{MARGIN})",
-         equivalent(paired_diff(recs, "k3-in-both", "k1-in-reward", "in_greedy", betas), MARGIN),
+    between_betas = lambda arm, key: [a - b for a, b in zip(cell(recs, arm, lo, key), cell(recs, arm, hi, key))] \
+        if lo < hi else []                                                                          # noqa: E731
+    tests = [   # (claim, verdict rule, its paired differences, what they are)
+        ("K3-in-reward collapses: its final greedy accuracy falls below no-KL's", directional, -1, MARGIN,
+         paired_diff(recs, "k3-in-reward", "none", "in_greedy", [hi]), f"k3-in-reward − none, in domain, β = {hi:g}"),
+        ("K1-in-loss becomes unstable as β grows: a larger drop of the training reward", directional, -1, 0.01,
+         between_betas("k1-in-loss", "reward_drop"), f"largest reward drop at β = {lo:g} − at β = {hi:g}"),
+        ("K3-in-loss is worse than K1-in-reward in domain", directional, 1, MARGIN, k1r_k3l["in"],
+         "greedy accuracy, k1-in-reward − k3-in-loss, every β and seed"),
+        ("K3-in-loss is worse than K1-in-reward out of domain", directional, 1, MARGIN, k1r_k3l["ood"],
+         "OOD greedy accuracy, k1-in-reward − k3-in-loss, every β and seed"),
+        ("... and the gap is largest out of domain", directional, 1, MARGIN,
+         [o - i for o, i in zip(k1r_k3l["ood"], k1r_k3l["in"])], "OOD gap − in-domain gap"),
+        (f"K3-in-both matches K1-in-reward (within ±{MARGIN})", equivalent, 0, MARGIN,
+         paired_diff(recs, "k3-in-both", "k1-in-reward", "in_greedy", betas),
          "greedy accuracy, k3-in-both − k1-in-reward, every β and seed"),
-        ("Lower β does better",
-         directional([a - b for a, b in zip(cell(recs, "k1-in-reward", lo, "in_greedy"),
-                                            cell(recs, "k1-in-reward", hi, "in_greedy"))], MARGIN),
+        ("Lower β does better", directional, 1, MARGIN, between_betas("k1-in-reward", "in_greedy"),
          f"k1-in-reward greedy accuracy, β = {lo:g} − β = {hi:g}"),
-        ("K3-in-loss keeps a higher entropy than K1-in-reward (forward-KL-like, mass-covering)",
-         directional(paired_diff(recs, "k3-in-loss", "k1-in-reward", "entropy", betas), 0.005),
+        ("K3-in-loss keeps a higher entropy than K1-in-reward (forward-KL-like, mass-covering)", directional, 1, 0.005,
+         paired_diff(recs, "k3-in-loss", "k1-in-reward", "entropy", betas),
          "entropy (nats/token, last 10% of steps), k3-in-loss − k1-in-reward, every β and seed"),
     ]
-    return [(text, v, f"{m:+.3f} ± {h:.3f} ({what})") for text, (v, m, h), what in tests]
+    out = []
+    for text, rule, sign, margin, diffs, what in tests:
+        if diffs:
+            v, m, h = rule(diffs, margin, sign) if rule is directional else rule(diffs, margin)
+            out.append((text, v, f"{m:+.3f} ± {h:.3f} ({what})"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,17 +253,19 @@ COLUMNS = [("in_greedy", "in greedy"), ("in_pass1", "in pass@1"), ("ood_greedy",
            ("entropy", "entropy"), ("reward_drop", "reward drop")]
 
 
-def summary(recs, betas, base, command, wall):
+def summary(recs, args, base, command, wall):
     def fmt(xs):
         m, h = mean_ci(xs)
         return f"{m:.3f}" if math.isnan(h) else f"{m:.3f} ± {h:.3f}"
-    seeds = sorted({r["seed"] for r in recs})
-    lines = ["# The paper's claims at toy scale", "",
-             f"`{command}` — {len(recs)} runs ({len(seeds)} seed{'s' * (len(seeds) > 1)}), {wall}. Mean ± 95% CI half-width over seeds; "
-             f"accuracy on {base['n']} held-out problems per task; KLs and entropy are means over the last 10% of "
-             f"training steps. Base model before RL: in-domain greedy {base['in']:.3f}, OOD greedy {base['ood']:.3f}.",
+    seeds, betas = sorted({r["seed"] for r in recs}), args.betas
+    lines = [f"# The paper's claims at {'toy' if args.setup is SETUPS['tiny'] else 'small real-model'} scale", "",
+             f"`{command}` — {len(recs)} runs ({len(seeds)} seed{'s' * (len(seeds) > 1)}); {wall}. Mean ± 95% CI "
+             f"half-width over seeds; accuracy on {base['n']} held-out problems per task (in domain `{args.in_task}`, "
+             f"out of domain `{args.ood_task}`: at most {base['n']}), greedy and pass@1 of 4 samples at T = "
+             f"{args.setup['temperature']:g}; KLs and entropy are means over the last 10% of training steps. Base "
+             f"model before RL: in-domain greedy {base['in']:.3f}, OOD greedy {base['ood']:.3f}.",
              "", "| arm | β | " + " | ".join(c for _, c in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
-    for arm in ARMS:
+    for arm in args.arms:
         for beta in ([0.0] if arm == "none" else betas):
             if cell(recs, arm, beta, "in_greedy"):
                 lines.append(f"| {arm} | {beta:g} | " + " | ".join(fmt(cell(recs, arm, beta, k)) for k, _ in COLUMNS)
@@ -227,7 +281,7 @@ def summary(recs, betas, base, command, wall):
     return "\n".join(lines) + "\n"
 
 
-def curves(out, folders, betas):
+def curves(out, folders, betas, arms, setup):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,7 +291,7 @@ def curves(out, folders, betas):
     for i, beta in enumerate(betas):
         for j, (key, title) in enumerate(keys):
             ax = axes[i, j]
-            for arm in ARMS:
+            for arm in arms:
                 runs = [f for (a, b, _), f in folders.items() if a == arm and (b == beta or a == "none")]
                 series = [[r[key] for r in read_metrics(f, "train")] for f in runs]
                 if not series:
@@ -250,7 +304,8 @@ def curves(out, folders, betas):
             ax.set(title=f"{title}, β = {beta:g}", xlabel="step")
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle("KL arms on the tiny task: seeds thin, mean bold (5-step moving average)")
+    fig.suptitle(f"KL arms, {setup['in_task']} ({'the tiny model' if setup is SETUPS['tiny'] else 'SmolLM2-135M'}): "
+                 "seeds thin, mean bold (5-step moving average)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)
@@ -260,41 +315,78 @@ def curves(out, folders, betas):
 # Main
 # ---------------------------------------------------------------------------------------------------------
 def base_accuracy(args):
-    """The shipped model before RL, on the same problems (one eval.py call, cached in --out)."""
+    """The base model before RL, on the same problems (one eval.py call, cached in --out)."""
     path = os.path.join(args.out, "base-eval.json")
-    if not os.path.isfile(path):
-        subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--tasks", f"{IN},{OOD}", "--samples", "4",
-                        "--max-new-tokens", "8", "--limit", str(args.eval_n), "--batch-size", "125", "--out", path],
-                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                       preexec_fn=die_with_parent)
+    if not _parses(path):
+        subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--tasks", f"{args.in_task},{args.ood_task}",
+                        "--samples", "4", "--temperature", str(args.setup["temperature"]), "--limit", str(args.eval_n),
+                        *args.setup["eval"], "--out", rel(path)], check=True, stdout=subprocess.DEVNULL, cwd=HERE,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
     ev = json.load(open(path))["tasks"]
-    return {"in": ev[IN]["metrics"]["greedy acc"]["mean"], "ood": ev[OOD]["metrics"]["greedy acc"]["mean"],
-            "n": args.eval_n}
+    return {"in": ev[args.in_task]["metrics"]["greedy acc"]["mean"], "n": args.eval_n,
+            "ood": ev[args.ood_task]["metrics"]["greedy acc"]["mean"]}
+
+
+def _parses(path):
+    try:
+        return "tasks" in json.load(open(path))
+    except (OSError, ValueError):
+        return False
+
+
+def rel(path):
+    """Paths handed to train.py / eval.py (run from the repository root): relative inside the repository, so the
+    committed run folders, logs and results name no machine."""
+    r = os.path.relpath(os.path.abspath(path), HERE)
+    return os.path.abspath(path) if r.startswith("..") else r
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)                      # a reader never sees half a summary
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "comedy"), help="study folder")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="KL arms (train.py --kl values)")
-    ap.add_argument("--betas", nargs="+", type=float, default=[0.05, 0.3, 1.0], help="β grid (none ignores it)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
-    ap.add_argument("--eval-n", type=int, default=500, help="held-out problems per task")
+    ap.add_argument("--setup", default="tiny", choices=tuple(SETUPS),
+                    help="tiny: the shipped model on arith / arith_spaced; smollm2: the real model (real_model.py) "
+                         "on arith_q / mul_q with --preset smollm2-cpu")
+    ap.add_argument("--out", help="study folder (default results/comedy, results/comedy-smollm2)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, help="KL arms (train.py --kl values; default: the setup's)")
+    ap.add_argument("--betas", nargs="+", type=float, help="β grid (none ignores it; default: the setup's)")
+    ap.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the setup's)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default: the setup's)")
+    ap.add_argument("--eval-n", type=int, help="held-out problems per task (default: the setup's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
     ap.add_argument("--smoke", action="store_true", help="2 arms × 1 β × 1 seed × 3 steps on 40 problems (tests)")
     ap.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[], help="passed on to train.py (last)")
     args = ap.parse_args(argv)
+    args.setup = setup = SETUPS[args.setup]
+    args.in_task, args.ood_task = setup["in_task"], setup["ood_task"]
+    for key in ("arms", "betas", "seeds", "steps", "eval_n"):
+        if getattr(args, key) is None:
+            setattr(args, key, list(setup[key]) if isinstance(setup[key], tuple) else setup[key])
+    args.out = args.out or os.path.join(HERE, "results", setup["out"])
     if args.smoke:
         args.arms, args.betas, args.seeds, args.steps, args.eval_n = ["k1-in-reward", "k3-in-loss"], [0.3], [0], 3, 40
         args.train_flags = ["--prompts-per-step", "4", *args.train_flags]
-    if args.jobs < 1 or args.steps < 1 or args.eval_n < 4 or min(args.betas) < 0:
+    if args.jobs < 1 or (args.steps is not None and args.steps < 1) or args.eval_n < 4 or min(args.betas) < 0:
         ap.error("need --jobs >= 1, --steps >= 1, --eval-n >= 4 and β >= 0")
     command = "python comedy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
-    base = base_accuracy(args)
     todo = grid(args)
-    print(f"comedy.py: {len(todo)} runs in {args.out}/runs ({args.jobs} at a time; finished ones are skipped)",
+    done = [f for f in (os.path.join(args.out, "runs", f"{a}-b{b:g}-s{s}") for a, b, s in todo) if finished(f)]
+    if done:                                       # before hours of new runs: would they mix with these?
+        from run_folder import code_version
+        (commit, dirty), now = one_version(done, f"{args.out}/runs"), code_version()
+        if (commit, dirty) != now:
+            sys.exit(f"comedy.py: error: the {len(done)} finished runs in {args.out}/runs come from code "
+                     f"{commit}{'-dirty' if dirty else ''}, this checkout is {now[0]}{'-dirty' if now[1] else ''}; "
+                     "a study is one code version: use a fresh --out or check out that commit")
+    base = base_accuracy(args)
+    print(f"comedy.py: {len(todo)} runs in {args.out}/runs ({len(done)} finished, {args.jobs} at a time)",
           file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {key: pool.submit(run_one, args, *key) for key in todo}
@@ -303,13 +395,15 @@ def main(argv=None):
             folders[key] = fut.result()
             print(f"comedy.py: [{i + 1}/{len(todo)}] {key[0]} β={key[1]:g} seed {key[2]} done "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    version = one_version(folders.values(), f"{args.out}/runs")
     recs = [run_record(f, *key) for key, f in folders.items()]
-    with open(os.path.join(args.out, "runs.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in recs)
-    wall = f"{(time.time() - t0) / 60:.1f} min wall on {os.cpu_count()} cores for what was not yet finished"
-    text = summary(recs, args.betas, base, command.strip(), wall)
-    open(os.path.join(args.out, "summary.md"), "w").write(text)
-    curves(args.out, folders, args.betas)
+    write_atomic(os.path.join(args.out, "runs.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
+    cpu = sum(r["train_seconds"] + r["eval_seconds"] for r in recs) / 60
+    wall = (f"code {version[0] or 'outside git'}{' with uncommitted changes' if version[1] else ''}; "
+            f"{cpu:.0f} min of train + eval over all runs (one thread each; {os.cpu_count()} cores)")
+    text = summary(recs, args, base, command.strip(), wall)
+    write_atomic(os.path.join(args.out, "summary.md"), text)
+    curves(args.out, folders, args.betas, args.arms, setup)
     print(text)
     return 0
 

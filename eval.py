@@ -36,7 +36,8 @@ Commands
       --max-new-tokens 1024 --batch-size 16 --load-in-4bit
   python eval.py --compare eval-results/Qwen2.5-7B-math500.json runs/k1-in-reward runs/k3-in-loss
 Output: one JSON per evaluation (default: RUN_DIR/eval-<tasks>.json, or eval-results/<model>-<tasks>.json) and a
-markdown table on stdout. Bad input (unknown task, missing adapter, adapter of another base model) exits 2.
+markdown table on stdout. Bad input (unknown task, missing adapter, adapter of another base model, a malformed
+adapter_config.json or one whose LoRA rank exceeds the smallest adapted layer) exits 2 with one line.
 """
 import argparse
 import contextlib
@@ -126,7 +127,7 @@ def generate_records(model, tok, name, examples, args):
                 "length": int(out["completion_mask"][r].sum()), "truncated": bool(out["truncated"][r])}
     for b in tqdm(range(0, len(examples), bs), desc=name, unit="batch", disable=None):
         exs = examples[b:b + bs]
-        prompts = [build_prompt(tok, ex["question"]) for ex in exs]
+        prompts = [build_prompt(tok, ex["question"], args.prompt_format, args.thinking) for ex in exs]
         seed = args.seed * 1_000_003 + b          # seed per batch: the same --seed and --batch-size reproduce all
         with torch.no_grad():
             g = rollout(model, tok, prompts, 1, args.max_new_tokens, 0.0, seed=seed)
@@ -143,7 +144,11 @@ def generate_records(model, tok, name, examples, args):
 # One evaluation: resolve model/adapter, run every task, write the JSON
 # ---------------------------------------------------------------------------------------------------------
 def local(m):
-    """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file."""
+    """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file; a short
+    name such as smollm2-135m (real_model.py) is its converted folder."""
+    from real_model import MODELS, folder
+    if m in MODELS:
+        return folder(m)
     return os.path.join(HERE, m) if m and not os.path.isdir(m) and os.path.isdir(os.path.join(HERE, m)) else m
 
 
@@ -155,6 +160,7 @@ def same_model(a, b):
 def resolve(args):
     """Fill args.model / args.adapter (a folder with adapter_config.json) / args.out / args.data; die on bad input."""
     import tasks
+    from run_folder import read_adapter_config, read_json
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in args.task_list:
         if t not in tasks.TASKS:
@@ -174,13 +180,30 @@ def resolve(args):
         if not os.path.isfile(os.path.join(a, "adapter_config.json")):
             die(f"no peft adapter at {args.adapter} (expected adapter_config.json or checkpoint/adapter_config.json)")
         args.adapter = a
-        base = json.load(open(os.path.join(a, "adapter_config.json"))).get("base_model_name_or_path")
-        run_cfg = os.path.join(os.path.dirname(os.path.abspath(a)), "config.json")
-        if os.path.isfile(run_cfg):
-            run_model = json.load(open(run_cfg)).get("model")
-    args.model = local(args.model or run_model or base or TINY)
+        adapter_cfg = read_json(os.path.join(a, "adapter_config.json"))
+        if not isinstance(adapter_cfg, dict):
+            die(f"{os.path.join(a, 'adapter_config.json')} is unreadable or not a JSON object")
+        base = adapter_cfg.get("base_model_name_or_path")
+        base = base if isinstance(base, str) else None
+        run = read_json(os.path.join(os.path.dirname(os.path.abspath(a)), "config.json"))
+        if isinstance(run, dict):
+            run_model = run.get("model") if isinstance(run.get("model"), str) else None
+            if args.prompt_format is None:                  # prompts as the run was trained on them
+                args.prompt_format = run.get("prompt_format", "auto")
+            if args.thinking is None:
+                args.thinking = bool(run.get("thinking", False))
+    args.prompt_format, args.thinking = args.prompt_format or "auto", bool(args.thinking)
+    try:
+        args.model = local(args.model or run_model or base or TINY)
+    except ValueError as e:                                  # real_model.ModelError: package missing, wrong file
+        die(str(e))
     if base and not same_model(base, args.model):
         die(f"adapter {args.adapter} was trained on base model {base!r}, not {args.model!r} (omit --model to use it)")
+    if args.adapter:
+        try:                                  # its ranks bounded before peft allocates them
+            read_adapter_config(args.adapter, args.model)
+        except ValueError as e:
+            die(str(e))
     if args.model == TINY and not os.path.isdir(TINY):
         die(f"tiny model not found at {TINY} (build it with: python tiny_model.py --out assets/tiny-arith)")
     if not args.out:
@@ -240,8 +263,8 @@ def run_eval(args):
                                "metrics": summarize(per_problem(problems), args.bootstrap, args.seed),
                                "problems": problems}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f)
+    from run_folder import write_atomic
+    write_atomic(args.out, json.dumps(out))   # comedy.py and --compare trust the file: never a truncated one
     out["path"] = args.out
     return out
 
@@ -260,11 +283,27 @@ def load_result(path):
     try:
         with open(path) as f:
             res = json.load(f)
-        assert isinstance(res.get("tasks"), dict)
-    except (OSError, ValueError, AssertionError, AttributeError) as e:
-        die(f"{path} is not an eval.py result file ({type(e).__name__})")
+        check_result(res)
+    except (OSError, ValueError, AssertionError, AttributeError, KeyError, TypeError, IndexError) as e:
+        die(f"{path} is not an eval.py result file ({type(e).__name__}: {str(e)[:100] or 'malformed'})")
     res["path"] = path
     return res
+
+
+def check_result(res):
+    """Everything table() reads, with the types it needs (AssertionError/KeyError/TypeError otherwise)."""
+    assert isinstance(res, dict) and isinstance(res["config"], dict) and isinstance(res["tasks"], dict), "layout"
+    for name, task in res["tasks"].items():
+        problems = task["problems"]
+        assert isinstance(problems, list) and problems, f"task {name}: no problems"
+        n = len(problems[0]["samples"]["correct"])
+        for p in problems:
+            assert isinstance(p["question"], str) and isinstance(p["id"], (str, int)), f"task {name}: problem id"
+            g, s = p["greedy"], p["samples"]
+            assert all(isinstance(s[k], list) and len(s[k]) == n for k in ("correct", "length", "truncated")), \
+                f"task {name}: samples of unequal length"
+            assert all(isinstance(x, bool) for x in [g["correct"], g["truncated"], *s["correct"], *s["truncated"]]) \
+                and all(isinstance(x, (int, float)) for x in [g["length"], *s["length"]]), f"task {name}: values"
 
 
 def labels(results):
@@ -353,6 +392,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (rows = this × samples)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style NF4 base weights (bitsandbytes)")
+    p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default=None,
+                   help="chat template or the plain question (default: the run's, else auto = chat if there is one)")
+    p.add_argument("--thinking", action="store_true", default=None,
+                   help="let a template that supports it think (default: the run's, else off)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                    help="local .jsonl/.parquet for a data-set task (offline machines), e.g. math500=m500.jsonl")
     p.add_argument("--bootstrap", type=int, default=1000, help="number of bootstrap resamples")

@@ -9,6 +9,8 @@ differs (train.py exits with code 2). Flag names and differences follow /work/sh
 against verl b178a3cd, OpenRLHF 3c3be623, TRL f2cd5771); names we could not check are marked "unverified" in the
 output. Data and reward files are placeholders, with a comment on converting our rows (tasks.py) into them.
 """
+import dataclasses
+import json
 import os
 import shlex
 
@@ -108,8 +110,9 @@ def _common_notes(engine, cfg):
         notes.append("rollouts come from vLLM and the trainer recomputes log-probs, so sampling and scoring differ "
                      "by kernel noise (ours samples and scores with the same HF model)")
     if os.path.exists(cfg.model) or cfg.model.startswith((".", "/", "~")):
-        notes.append(f"model {cfg.model} is a local folder (the shipped tiny model by default): {NAME[engine]} "
-                     f"needs a model it can load{' in vLLM' if engine != 'trl' else ''}, at a path its workers read")
+        notes.append(f"model {shlex.quote(cfg.model)} is a local folder (the shipped tiny model by default): "
+                     f"{NAME[engine]} needs a model it can load{' in vLLM' if engine != 'trl' else ''}, at a path its "
+                     f"workers read")
     lo, hi = cfg.ratio_clip
     if lo > 0 and not (engine == "trl" and "RLOO" in _trl_trainer(cfg)):
         notes.append(f"--ratio-clip {lo:g} {hi:g} maps to a PPO-style min with a dual clip, exact only for LO = 0: "
@@ -126,9 +129,21 @@ def _common_notes(engine, cfg):
     return notes
 
 
-def _rows(cfg, split, task):
-    path = f", path={cfg.data_path!r}" if cfg.data_path and split == "train" else ""
-    return f"tasks.load_task({task!r}, {split!r}, seed={cfg.seed}{path})"
+def _rows(cfg, split, task, lit=repr):
+    """The Python expression for our rows; lit writes a string literal (repr, or _dq inside a shell command)."""
+    path = f", path={lit(cfg.data_path)}" if cfg.data_path and split == "train" else ""
+    return f"tasks.load_task({lit(task)}, {lit(split)}, seed={cfg.seed}{path})"
+
+
+def _dq(s):
+    """A double-quoted Python string literal (JSON's escapes are Python's), so that shlex.quote of code built with it
+    is one plain '...' for ordinary values."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _python_c(code):
+    """A `python -c CODE` line a user can paste: CODE single-quoted for the shell, so nothing in it is expanded."""
+    return "#   python -c " + shlex.quote(code)
 
 
 def _shell(module, parts):
@@ -168,13 +183,15 @@ def _verl(cfg):
     o.update({"custom_reward_function.path": "REWARD.py", "custom_reward_function.name": "compute_score",
               "trainer.total_training_steps": cfg.steps, "trainer.n_gpus_per_node": 1, "trainer.nnodes": 1,
               "trainer.test_freq": cfg.eval_every or -1, "trainer.logger": '["console"]'})
-    row = ("{'prompt': [{'role': 'user', 'content': e['question']}], 'data_source': %r, 'reward_model': "
-           "{'style': 'rule', 'ground_truth': e['answer']}, 'extra_info': e}" % cfg.task)
-    head = [f"# data: TRAIN/TEST.parquet hold our rows in verl's format: python -c \"import tasks, pandas as pd; "
-            f"pd.DataFrame([{row} for e in {_rows(cfg, 'train', cfg.task)}]).to_parquet('TRAIN.parquet')\" "
-            f"(and {_rows(cfg, 'test', (cfg.eval_tasks or (cfg.task,))[0])} -> TEST.parquet)",
-            "# reward: REWARD.py defines compute_score(data_source, solution_str, ground_truth, extra_info) "
-            f"returning tasks.reward({cfg.task!r}, solution_str, extra_info)"]
+    row = ('{"prompt": [{"role": "user", "content": e["question"]}], "data_source": %s, "reward_model": '
+           '{"style": "rule", "ground_truth": e["answer"]}, "extra_info": e}' % _dq(cfg.task))
+    head = ["# data: TRAIN/TEST.parquet hold our rows in verl's format; from kl-rl's repository root:"]
+    head += [_python_c(f"import tasks, pandas as pd; pd.DataFrame([{row} for e in {_rows(cfg, split, task, _dq)}])"
+                       f".to_parquet({_dq(name)})")
+             for split, task, name in (("train", cfg.task, "TRAIN.parquet"),
+                                       ("test", (cfg.eval_tasks or (cfg.task,))[0], "TEST.parquet"))]
+    head += ["# reward: REWARD.py defines compute_score(data_source, solution_str, ground_truth, extra_info) "
+             f"returning tasks.reward({cfg.task!r}, solution_str, extra_info)"]
     notes = _common_notes("verl", cfg)
     notes += ["k3 (low_var_kl) is clamped to [-10, 10] (−δ to ±20): exact only for δ ∈ [−2.61, 11.0], "
               "gradient 0 outside (ours: exact, δ clamped at −20 inside the exponential)"] if est == "k3" else []
@@ -215,8 +232,9 @@ def _openrlhf(cfg):
     f += [("--train.async_enable",)] if cfg.async_level else []
     f += [("--train.seed", cfg.seed), ("--actor.num_gpus_per_node", 1), ("--ref.num_gpus_per_node", 1),
           ("--vllm.num_engines", 1), ("--train.colocate_all",)]
-    head = ["# data: TRAIN.jsonl holds our rows {question, answer, ...}: python -c \"import json, tasks; open("
-            "'TRAIN.jsonl', 'w').writelines(json.dumps(e) + '\\n' for e in " + _rows(cfg, 'train', cfg.task) + ")\"",
+    head = ["# data: TRAIN.jsonl holds our rows {question, answer, ...}; from kl-rl's repository root:",
+            _python_c('import json, tasks; open("TRAIN.jsonl", "w").writelines(json.dumps(e) + "\\n" for e in '
+                      + _rows(cfg, "train", cfg.task, _dq) + ")"),
             "# reward: REWARD.py defines reward_func(queries, prompts, labels) returning tasks.reward("
             f"{cfg.task!r}, completion, {{'answer': label}}) per sample (as OpenRLHF's examples/python/reward_func.py)"]
     div = "the number of sequences" + (f" × {cfg.token_budget:g}" if cfg.token_budget is not None else "")
@@ -309,10 +327,17 @@ def export(cfg, engine):
     """The text to print for `engine` (one of ENGINES): command or snippet, then the unavoidable differences."""
     if engine not in ENGINES:
         raise ExportError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    for f in dataclasses.fields(cfg):                   # a line break would end a `#` comment: the rest would run
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str) and not v.isprintable():
+                raise ExportError(f"--{f.name.replace('_', '-')} {v!r} holds a line break or another control "
+                                  f"character; a pasted command would run what follows it")
     check(engine, cfg)
     head, body, notes = {"verl": _verl, "openrlhf": _openrlhf, "trl": _trl}[engine](cfg)
-    ours = (f"--model {cfg.model} --task {cfg.task} --kl {cfg.kl} --kl-level {cfg.kl_level} --kl-is {cfg.kl_is} "
-            f"--beta {cfg.beta:g} --adv {cfg.adv} --group-size {cfg.group_size} --prompts-per-step "
+    q = shlex.quote                                     # every string as a shell reads it back
+    ours = (f"--model {q(cfg.model)} --task {q(cfg.task)} --kl {q(cfg.kl)} --kl-level {q(cfg.kl_level)} --kl-is "
+            f"{q(cfg.kl_is)} --beta {cfg.beta:g} --adv {q(cfg.adv)} --group-size {cfg.group_size} --prompts-per-step "
             f"{cfg.prompts_per_step} --steps {cfg.steps} --lr {cfg.lr:g} --max-new-tokens {cfg.max_new_tokens}")
     top = [f"# {NAME[engine]} version of: python train.py {ours}"] + head
     tail = [f"# differences from our run that {NAME[engine]} cannot avoid:"] + [f"#  - {n}" for n in notes]

@@ -52,12 +52,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_model_source(model):
-    """Fail fast on a local path that does not exist (a hub id such as "Qwen/Qwen2.5-7B" is left to from_pretrained).
-    "mymodels/tiny" looks like a hub id, but if ./mymodels exists it is a mistyped folder: say so now rather than
-    after the hub's ~50 s of retries."""
+    """-> what from_pretrained should load. A short name of real_model.MODELS (smollm2-135m) becomes its converted
+    folder (converted on first use). A local path that does not exist fails fast (a hub id such as
+    "Qwen/Qwen2.5-7B" is left to from_pretrained): "mymodels/tiny" looks like a hub id, but if ./mymodels exists it
+    is a mistyped folder: say so now rather than after the hub's ~50 s of retries."""
+    from real_model import resolve
+    model = resolve(model)
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.isdir(model.split("/")[0])
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"model folder not found: {model}")
+    return model
 
 
 def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -65,7 +69,7 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     """-> (peft_model, tokenizer). LoRA on every linear layer (or a saved `adapter`, trainable); the reference
     policy is `with peft_model.disable_adapter():`, so a QLoRA run holds one 4-bit copy of the base weights.
     dtype: "fp32" / "bf16" compute dtype of the base (default: bf16 on CUDA, fp32 on CPU); LoRA stays fp32 (peft)."""
-    check_model_source(model)
+    model = check_model_source(model)
     if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"no peft adapter (adapter_config.json) in {adapter}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -143,10 +147,15 @@ def clock():
 
 
 def stop_token_ids(model, tokenizer):
-    """Every id that ends a completion: the tokenizer's EOS plus generation_config's (Qwen-Instruct lists two)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted(set(ids) | {tokenizer.eos_token_id})
+    """Every id that ends a completion: the config's and generation_config's EOS ids (Llama 3.1 lists three), the
+    tokenizer's EOS, and the end-of-turn tokens its chat template writes after an assistant message (tasks.
+    end_of_turn_ids: a base model prompted with its ChatML template ends its turn with <|im_end|>, not its EOS)."""
+    from tasks import end_of_turn_ids
+    ids = set(end_of_turn_ids(tokenizer)) | {tokenizer.eos_token_id}
+    for cfg in (model.config, model.generation_config):
+        eos = getattr(cfg, "eos_token_id", None)
+        ids |= {eos} if isinstance(eos, int) else set(eos or ())
+    return sorted(ids - {None})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,6 +317,16 @@ def nograd_chunk_rows(n, group_size, seq_len, bytes_per_token, free_bytes):
     vocabulary chunk fit free_bytes. The rows do not change any value (each row's log-probs are its own)."""
     fit = int((free_bytes - VOCAB_CHUNK_BYTES) // max(seq_len * bytes_per_token, 1)) // group_size * group_size
     return max(group_size, min(n, fit))
+
+
+def nograd_passes(model, n, group_size, seq_len, budget_gb=0):
+    """Row slices of train.py's no-grad passes over n rows of seq_len tokens: nograd_chunk_rows within the memory
+    budget (GiB; 0: the device's memory, or RAM on a CPU) less what the process holds now."""
+    device = model.get_input_embeddings().weight.device
+    budget = budget_gb * 2**30 if budget_gb else device_memory(device, "total")
+    per_token = nograd_bytes_per_token(model.config, 4 if model.config.dtype == torch.float32 else 2)
+    rows = nograd_chunk_rows(n, group_size, seq_len, per_token, budget - device_memory(device, "used"))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
 
 
 @torch.no_grad()

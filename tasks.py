@@ -2,7 +2,7 @@
 
     load_task(name, split="train", n=None, seed=0, path=None) -> list of {"question": str, "answer": str, ...}
     reward(name, completion, example) -> 1.0 if the completion solves the example else 0.0 (never executes text)
-    build_prompt(tokenizer, question) -> the prompt string given to the model
+    build_prompt(tokenizer, question, fmt="auto") -> the prompt string given to the model (chat template or plain)
 
     exs = load_task("math500", "test", n=50)
     prompts = [build_prompt(tok, ex["question"]) for ex in exs]
@@ -16,13 +16,20 @@ Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed 
   arith_spaced  the same 500 held-out pairs as arith written "{a} + {b} =": a surface form that made up a quarter
              of the tiny model's pretraining rows but never appears in RL training (train.py trains on arith);
              the out-of-domain split of comedy.py.
+  arith_q    arith's 500 held-out pairs (and a train stream without them) asked as an instruct model is asked:
+             "What is {a} + {b}? Answer with just the number." The real model's task (real_model.py, --preset
+             smollm2-cpu): SmolLM2-135M-Instruct answers 0.125 of them greedily (it talks), "a+b=" 0.05.
+  mul_q      "What is {a} times {b}? Answer with just the number." for a, b in [0, 12]: all 169 are the test set
+             (no train split). The real model's out-of-domain check: a skill it has (greedy 0.63) that RL on
+             arith_q never trains, so a drop measures what the update broke elsewhere.
   countdown  3 or 4 numbers in [1, 30] and a target in [1, 200] built from a random expression over all of them,
              so every problem is solvable; answer = that reference expression (plus "numbers" and "target").
              The model must put an expression using + - * / and parentheses, each number exactly once, inside
              <answer>...</answer> (no tags: its last non-empty line is read); "= target" after it is ignored.
 
-Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read with datasets' "json"/"parquet" builders; the file
-is the data and `split` is ignored) or a Hugging Face Hub id (default below). With HF_HUB_OFFLINE=1 a hub id that is
+Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read here, with no cache copy: one JSON row per line, a
+.json list of rows, or parquet via pyarrow; at most MAX_DATA_BYTES = 256 MiB, MAX_LINE_BYTES = 1 MiB per line; the
+file is the data and `split` is ignored) or a Hugging Face Hub id (default below, read with datasets). With HF_HUB_OFFLINE=1 a hub id that is
 not in the local cache fails at once with a TaskError: pass a local file instead. Rows must have these fields:
   math       hub "DigitalLearningGmbH/MATH-lighteval" (splits train 7,500 / test 5,000):
              problem (str), solution (str, LaTeX with the final answer in \\boxed{...}), level (str), type (str).
@@ -34,10 +41,11 @@ not in the local cache fails at once with a TaskError: pass a local file instead
 Question for math/math500: problem + "\\n\\nPut your final answer within \\boxed{}."; graded by math-verify on the
 completion's last \\boxed{}. For mmlu: question, choices as "A. ..." lines, and a request to end with "Answer: X".
 For the train split of a data set the rows are shuffled with `seed`; test keeps file order. `n` keeps the first n.
-A malformed row (missing field, wrong type, no answer) raises TaskError naming the file and its 0-based row index.
+A malformed row (missing field, wrong type, no answer, a gold answer that is NaN, infinite or a float beyond 2**53)
+raises TaskError naming the file and its 0-based row index (a line that is not JSON: its 1-based line number).
 
 Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
-  arith, arith_ood, arith_spaced  the last integer (-?[0-9]+) in the completion equals the answer.
+  arith, arith_ood, arith_spaced, arith_q, mul_q  the last integer (-?[0-9]+) in the completion equals the answer.
   countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
              exactly (Fractions) to the target. Whitespace and line breaks in it are free; at most CD_MAX_CHARS = 1000
              other characters.
@@ -50,6 +58,7 @@ Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time
 import ast
 import atexit
 import json
+import math
 import os
 import random
 import re
@@ -68,6 +77,8 @@ TASKS = {
     "arith": "a+b= with a, b in [0, 99] (synthetic; the tiny model's pretraining task)",
     "arith_ood": "a+b= with a, b in [100, 999] (synthetic; out of domain for a model trained on arith)",
     "arith_spaced": "a + b = with a, b in [0, 99] (synthetic; arith's test pairs in a rarer surface form)",
+    "arith_q": "What is a + b? with a, b in [0, 99] (synthetic; arith's test pairs, asked in words: real models)",
+    "mul_q": "What is a times b? with a, b in [0, 12] (synthetic, test only; out of domain for arith_q)",
     "countdown": "reach a target from 3-4 numbers with + - * / (synthetic; expression in <answer></answer>)",
     "math": "MATH (Hendrycks) competition problems, answer in \\boxed{} (hub or local file)",
     "math500": "MATH-500 test problems, answer in \\boxed{} (hub or local file)",
@@ -116,7 +127,12 @@ def load_task(name, split="train", n=None, seed=0, path=None):
 def _synthetic(name, split, n, seed):
     """A fixed held-out test set and a seeded train stream that never contains a test problem."""
     lo, hi = (100, 999) if name == "arith_ood" else (0, 99)
-    form = "{} + {} =" if name == "arith_spaced" else "{}+{}="
+    form = {"arith_spaced": "{} + {} =", "arith_q": "What is {} + {}? Answer with just the number."}.get(name, "{}+{}=")
+    if name == "mul_q":                                     # the whole times table up to 12 is the test set
+        if split != "test":
+            raise TaskError("mul_q is an evaluation task (its 169 problems are all held out): use it in --eval-tasks")
+        return [{"question": f"What is {a} times {b}? Answer with just the number.", "answer": str(a * b)}
+                for a in range(13) for b in range(13)][:n]
 
     def make(rng):
         if name == "countdown":
@@ -127,7 +143,7 @@ def _synthetic(name, split, n, seed):
     def key(ex):  # countdown: the same numbers in another order with the same target are the same problem
         return (tuple(sorted(ex["numbers"])), ex["target"]) if "numbers" in ex else ex["question"]
 
-    if name in ("arith", "arith_spaced"):  # one fixed shuffle of all pairs: the shipped model never saw these 500
+    if name in ("arith", "arith_spaced", "arith_q"):  # one fixed shuffle of all pairs: the shipped model never saw these 500
         pairs = [(a, b) for a in range(100) for b in range(100)]
         random.Random("arith-False-0").shuffle(pairs)
         test = [{"question": form.format(a, b), "answer": str(a + b)} for a, b in pairs[:N_TEST]]
@@ -172,10 +188,6 @@ def _countdown_problem(rng):
 def _read_rows(name, split, path):
     hub_id, config, splits = HUB[name]
     src = path or hub_id
-    try:
-        import datasets
-    except ImportError:
-        raise TaskError(f"{name}: reading {src} needs the 'datasets' package (pip install datasets)") from None
     if os.path.exists(src) or src.lower().endswith(FILE_TYPES):
         if not os.path.isfile(src):
             raise TaskError(f"{name}: file not found: {src}")
@@ -183,11 +195,11 @@ def _read_rows(name, split, path):
             raise TaskError(f"{name}: {src}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
         if os.path.getsize(src) == 0:
             raise TaskError(f"{name}: {src} is empty")
-        try:
-            builder = "parquet" if src.lower().endswith(".parquet") else "json"
-            return datasets.load_dataset(builder, data_files=src, split="train").to_list(), src
-        except Exception as e:
-            raise TaskError(f"{name}: cannot read {src}: {_one_line(e)}") from None
+        return _read_file(name, src), src
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"{name}: reading {src} needs the 'datasets' package (pip install datasets)") from None
     if src == hub_id and split not in splits:
         raise TaskError(f"{name}: {hub_id} has no split {split!r}; choose from: {', '.join(splits)}")
     try:
@@ -200,6 +212,51 @@ def _read_rows(name, split, path):
                         f"{_one_line(e)}") from None
 
 
+MAX_DATA_BYTES = 256 << 20  # a local data file is held in memory: 256 MiB (MATH's train split is 10 MB as JSONL)
+MAX_LINE_BYTES = 1 << 20    # one JSONL row (a MATH row is ~2 KB)
+
+
+def _read_file(name, src):
+    """Rows of a local .jsonl / .json / .parquet file, read by us (no cache copy) within MAX_DATA_BYTES and, line by
+    line, MAX_LINE_BYTES: a 1 GB one-line file is refused after reading 1 MiB of it, not loaded."""
+    size = os.path.getsize(src)
+    too_big = (f"{name}: {src} holds {{:,}} bytes, over the limit of {MAX_DATA_BYTES:,} for a data file "
+               f"(tasks.MAX_DATA_BYTES); keep the rows you train on in a smaller file")
+    if size > MAX_DATA_BYTES:
+        raise TaskError(too_big.format(size))
+    try:
+        if src.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+            f = pq.ParquetFile(src)
+            unpacked = sum(f.metadata.row_group(i).total_byte_size for i in range(f.metadata.num_row_groups))
+            if unpacked > MAX_DATA_BYTES:                  # compressed on disk: its size in memory is what counts
+                raise TaskError(too_big.format(unpacked))
+            return f.read().to_pylist()
+        with open(src, "rb") as f:
+            if src.lower().endswith(".json") and f.read(1 << 16).lstrip().startswith(b"["):
+                f.seek(0)
+                return json.loads(f.read())                # one JSON list of rows
+            f.seek(0)
+            rows = []
+            for number in range(1, size + 2):              # else one row per line
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return rows
+                if len(line) > MAX_LINE_BYTES:
+                    raise TaskError(f"{name}: {src} line {number} is longer than {MAX_LINE_BYTES:,} bytes, the limit "
+                                    f"for one row (tasks.MAX_LINE_BYTES)")
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:                    # also a 5000-digit int: json's 4300-digit int limit
+                    raise TaskError(f"{name}: cannot read {src}: line {number}: {_one_line(e)}") from None
+    except TaskError:
+        raise
+    except Exception as e:                                 # not parquet, not JSON, unreadable
+        raise TaskError(f"{name}: cannot read {src}: {_one_line(e)}") from None
+
+
 def _one_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -208,6 +265,9 @@ def _example(name, row, i, src):
     """One data-set row -> example; a malformed row is a TaskError naming it (no silent skipping)."""
     def bad(what):
         return TaskError(f"{name}: {src} row {i}: {what}")
+
+    if not isinstance(row, dict):
+        raise bad(f"not a JSON object but {type(row).__name__}")
 
     def text(key):
         if not isinstance(row.get(key), str) or not row[key].strip():
@@ -230,6 +290,9 @@ def _example(name, row, i, src):
             raise bad("no 'answer' field and no \\boxed{...} in 'solution'")
     elif not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
         raise bad(f"field 'answer' must be a string, got {type(answer).__name__}")
+    elif isinstance(answer, float) and not (math.isfinite(answer) and abs(answer) < 2**53):
+        raise bad(f"field 'answer' is {answer!r}: a gold answer must be a string or a finite number (a float beyond "
+                  f"2**53 has lost digits: write it as a string)")
     ex = {"question": problem.strip() + MATH_INSTRUCTION, "answer": str(answer).strip()}
     if row.get("unique_id"):
         ex["id"] = row["unique_id"]
@@ -245,7 +308,7 @@ def reward(name, completion, example):
         raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
     if not isinstance(completion, str):
         return 0.0
-    if name in ("arith", "arith_ood", "arith_spaced"):
+    if name in ("arith", "arith_ood", "arith_spaced", "arith_q", "mul_q"):
         # the last integer ("12+5=17", "The sum is 17."); [0-9], as \d also matches "١٧", which int() reads as 17
         ints = re.findall(r"-?[0-9]+", completion)
         return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))
@@ -453,10 +516,46 @@ def mmlu_letter(text):
     return None
 
 
-def build_prompt(tokenizer, question):
-    """The model's prompt: the chat template with a generation prompt if the tokenizer has one, else the question.
-    tokenize=False always: with tokenize=True transformers 5 returns a dict, not ids."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-    return question
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+def build_prompt(tokenizer, question, fmt="auto", thinking=False):
+    """The model's prompt for one question (a string; tokenize=False always: with tokenize=True transformers 5
+    returns a dict, not ids).
+    fmt "chat": the tokenizer's chat template with a generation prompt (an instruct model's own format);
+    "plain": the question as it is (a base model: Qwen2.5-7B base ships a ChatML template it was never tuned on);
+    "auto": chat if the tokenizer has a template, else plain.
+    thinking=False passes enable_thinking=False to a template that takes it (a Qwen3 hybrid thinks by default and
+    would spend --max-new-tokens inside <think>)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if fmt not in PROMPT_FORMATS:
+        raise TaskError(f"unknown prompt format {fmt!r}; choose from: {', '.join(PROMPT_FORMATS)}")
+    if fmt == "plain" or (fmt == "auto" and not template):
+        return question
+    if not template:
+        raise TaskError("--prompt-format chat: this tokenizer has no chat template (use plain)")
+    extra = {"enable_thinking": thinking} if "enable_thinking" in str(template) else {}
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True, **extra)
+
+
+def end_of_turn_ids(tokenizer):
+    """The special tokens the chat template writes right after an assistant message (<|im_end|> for ChatML,
+    <|eot_id|> for Llama 3): a completion ends there even when the model's config lists only another EOS (Qwen2.5
+    base: <|endoftext|>). Found by rendering a one-turn conversation, so no model needs a hand-written list."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    mark = "kl-rl-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="},
+                                              {"role": "assistant", "content": mark}], tokenize=False)
+    except Exception:                                       # a template that refuses this conversation shape
+        return []
+    after = text[text.rfind(mark) + len(mark):] if mark in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = []
+    for i in tokenizer(after, add_special_tokens=False)["input_ids"]:   # the leading run of special tokens
+        if i not in special:
+            break
+        ids.append(i)
+    return ids

@@ -221,6 +221,9 @@ OFF_POLICY = (("ρ·k3", "k3-in-loss", "rho"), ("sg(ρ)·k2", "k2-in-loss", "sg_
               ("W·k3", "k3-in-loss", "prefix"))
 
 
+OFF_POLICY_LEN = 12          # off_policy_table's toy length: each T ≤ 12 observes the first T steps of one toy
+
+
 def moments(q, g):
     """E_q[ĝ] (P,) and trace Cov_q[ĝ] of per-sample gradients g (M, P) under sequence probabilities q (M,)."""
     mean = (q[:, None] * g).sum(0)
@@ -231,19 +234,21 @@ def off_policy_table(Ts=(2, 4, 8, 12), stale=(0.25, 0.5, 1.0), clips=(1, 2, 5, 1
                      eos=None):
     """Rows of (T, s, KL(μ‖π_θ), ESS, estimator, exact bias, MC error mean, MC error sd, variance, variance ×).
 
-    One toy of length max(Ts), observed for its first T steps, so lengths are comparable. μ = θ + s·ε, ε ~ N(0, 1)
-    per logit: s stands for staleness (n steps of a random walk of step σ: s = σ√n). Bias ‖E_μ ĝ − ∇KL‖/‖∇KL‖
-    against the SEQUENCE reverse-KL gradient, exact (enumeration); MC error: the same for the mean of N samples
-    from μ (R replicates); variance: trace Cov_μ[ĝ] per sample from the R·N samples; "variance ×": its exact value
-    over the same estimator's on-policy (μ = π_θ) one, the cost of the importance weights alone.
+    Every T ≤ OFF_POLICY_LEN observes the first T steps of one toy of that length, so rows at different T are
+    comparable and a row does not depend on which other Ts are asked for (notebook 04's one-T table agrees with the
+    README's). μ = θ + s·ε, ε ~ N(0, 1) per logit: s stands for staleness (n steps of a random walk of step σ:
+    s = σ√n). Bias ‖E_μ ĝ − ∇KL‖/‖∇KL‖ against the SEQUENCE reverse-KL gradient, exact (enumeration); MC error:
+    the same for the mean of N samples from μ (R replicates); variance: trace Cov_μ[ĝ] per sample from the R·N
+    samples; "variance ×": its exact value over the same estimator's on-policy (μ = π_θ) one, the cost of the
+    importance weights alone.
     ESS = 1/E_μ[W_{1:|y|}²], the effective fraction of a large batch.
     """
     configs = [(name, parse_kl(kl, "sequence", w)) for name, kl, w in OFF_POLICY] + \
         [(f"min(W,{c:g})·k3", parse_kl("k3-in-loss", "sequence", "prefix", c)) for c in clips]
-    full, phi_full = make_toy(V, max(Ts), seed)
-    eps_full = torch.randn(full.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=full.dtype)
     rows = []
     for T in Ts:
+        full, phi_full = make_toy(V, max(T, OFF_POLICY_LEN), seed)          # the same toy for every T ≤ OFF_POLICY_LEN
+        eps_full = torch.randn(full.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=full.dtype)
         theta, phi, eps = full[:T].detach().requires_grad_(), phi_full[:T], eps_full[:T]
         true = exact_reference_grads(theta, phi, V, eos=eos)["rkl"]
         ys_all = all_sequences(V, T, eos)

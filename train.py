@@ -27,8 +27,9 @@ Commands
   python train.py --preset paper-async --kl k1-in-reward
   python train.py --resume runs/NAME --steps 500                           # continue from the last checkpoint
   python eval.py --adapter runs/NAME --tasks arith,arith_spaced             # pass@k with bootstrap CIs
-Outputs in --out: config.json, metrics.jsonl (one "train" record per step, "eval" records), metrics.png,
-checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async snapshots).
+Outputs in --out: config.json (+ provenance: code_commit, code_dirty, model_id), metrics.jsonl (one "train" record
+per step, "eval" records), metrics.png, checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async
+snapshots).
 
 Memory levers for a 7B on one 24 GB GPU, and every flag grouped: README.md (Training).
 """
@@ -37,6 +38,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -50,8 +53,10 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS, parse_kl
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from run_folder import checkpoint_dir, last_checkpoint, read_state, report, restore, save_checkpoint
-from tasks import TASKS, TaskError, build_prompt, load_task, reward
+from run_folder import (checkpoint_dir, code_version, folder_kind, is_run_config, last_checkpoint, local, lock_run,
+                        max_lora_rank, model_identity, one_line, portable, read_adapter_config, read_json, read_state,
+                        release_run, report, restore, save_checkpoint, write_atomic)
+from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft/transformers version noise
@@ -81,6 +86,10 @@ class Config:
                      choices=("auto", "fp32", "bf16"))
     task: str = arg("arith", "training task", TASK, choices=tuple(TASKS))
     data_path: str = arg(None, "local data file for the task (jsonl/parquet)", TASK, type=str)
+    prompt_format: str = arg("auto", "chat: the tokenizer's chat template (instruct models); plain: the question as "
+                             "text (base models); auto: chat if the tokenizer has a template", TASK,
+                             choices=PROMPT_FORMATS)
+    thinking: bool = arg(False, "let a template that supports it think (Qwen3 hybrids: enable_thinking)", TASK)
     eval_tasks: tuple = arg((), "held-out tasks (test splits; default: the training task's)", TASK, nargs="*",
                             choices=tuple(TASKS), type=str)
     eval_data: tuple = arg((), "local files for held-out data-set tasks, e.g. math500=MATH-500.jsonl", TASK,
@@ -103,8 +112,8 @@ class Config:
     micro_batch_size: int = arg(256, "sequences per forward/backward pass", OPT)
     optim: str = arg("adamw", "optimizer", OPT, choices=("adamw", "paged_adamw_8bit"))
     share_prompt: bool = arg(False, "log-prob passes run a group's prompt once for its G rows (float rounding)", OPT)
-    memory_budget_gb: float = arg(None, "memory (GiB) the no-grad passes may fill; sets their rows per pass (default: "
-                                  "the GPU's memory, or RAM on a CPU)", OPT, type=float)
+    memory_budget_gb: float = arg(0.0, "memory (GiB) the no-grad passes may fill, which sets their rows per pass (0: "
+                                  "the GPU's memory, or RAM on a CPU)", OPT)
     max_new_tokens: int = arg(8, "completion length limit", GEN)
     temperature: float = arg(1.0, "sampling temperature (KL and ratios use logits / T too)", GEN)
     rollout_batch_size: int = arg(0, "sequences per generate call (0 = the whole batch)", GEN)
@@ -122,7 +131,7 @@ class Config:
     out: str = arg(None, "run folder (default runs/<time>-<task>-<kl>)", LOG, type=str)
     resume: str = arg(None, "run folder to continue from its checkpoint", LOG, type=str)
     preset: str = arg(None, "named setup (explicit flags override it)", LOG, type=str,
-                      choices=("paper-onpolicy", "paper-async"))
+                      choices=("paper-onpolicy", "paper-async", "smollm2-cpu"))
     seed: int = arg(0, "seed (step s draws prompts and samples with seed·100003 + s)", LOG)
     device: str = arg(None, "cuda / cpu (default: cuda if available)", LOG, type=str)
     threads: int = arg(1, "torch threads on CPU (tiny models: more threads only wait at barriers; 0 = torch's)", LOG)
@@ -134,10 +143,8 @@ HUB_TASKS = ("math", "math500", "mmlu_college_physics", "mmlu_college_chemistry"
 PAPER_7B = dict(model="Qwen/Qwen2.5-7B", task="math", eval_tasks=("math500",), load_in_4bit=True,
                 gradient_checkpointing=True, micro_batch_size=4, rollout_batch_size=64, max_new_tokens=1024,
                 temperature=1.0, eval_every=50, eval_n=200, eval_modes=("sample",), save_every=25)
-# lr: the paper fine-tunes all weights at 1e-6 (§4.2; §4.1 reports none). LoRA (alpha 32) wants ~10x a full fine-tuning
-# lr (Schulman et al. 2025, "LoRA Without Regret"; TRL's reproduction trains GRPO with LoRA at 1e-5 against full
-# fine-tuning at 1e-6, lora_alpha 32, all-linear); Unsloth's QLoRA GRPO notebooks use 5e-6 at alpha = r (half our
-# scale alpha/r = 2). --lr 1e-6 gives the paper's value.
+# lr 1e-5: LoRA wants ~10x the paper's full-fine-tuning 1e-6 (§4.2; Schulman et al. 2025, "LoRA Without Regret", whose
+# TRL reproduction runs GRPO+LoRA at 1e-5, alpha 32, all-linear; README: Training). --lr 1e-6 is the paper's.
 PRESETS = {
     # §4.1: RLOO, strictly on-policy (ratio ≡ 1); 51 × 5 = 255 ≈ 256 samples per step
     "paper-onpolicy": dict(PAPER_7B, adv="rloo", group_size=5, prompts_per_step=51, beta=0.05, async_level=0,
@@ -145,11 +152,18 @@ PRESETS = {
     # §4.2: Dr. GRPO, 32 × 16 = 512 samples, behaviour policy 10 steps old, token ratio clamped to [0, 8]
     "paper-async": dict(PAPER_7B, adv="dr_grpo", group_size=16, prompts_per_step=32, beta=0.005, async_level=10,
                         ratio_clip=(0.0, 8.0), lr=1e-5, weight_decay=0.01, steps=420),
+    # a real pretrained model on a 2-core CPU in ~20 min (real_model.py; README "A real model on a CPU"): SmolLM2-
+    # 135M-Instruct on arith_q, out of domain mul_q. T = 0.7: at T = 1 its samples are almost never right.
+    "smollm2-cpu": dict(model="smollm2-135m", task="arith_q", eval_tasks=("arith_q", "mul_q"), group_size=8,
+                        prompts_per_step=4, max_new_tokens=32, temperature=0.7, lr=1e-3, steps=30, eval_every=0,
+                        eval_n=200, save_every=10, threads=1, share_prompt=True),
 }
 
 
+SEED_MAX = (2**63 - 2**40) // 100003                         # |seed·100003 + 10⁹ + step| < 2⁶³ for torch
+PATHS = ("model", "data_path", "out", "resume")              # stored relative to the repository root (portable)
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
-             "memory_budget_gb", "export")                                       # speed and logging only: cannot change the run
+             "memory_budget_gb", "export")                   # speed and logging only: cannot change the run
 EXAMPLES = """examples:
   python train.py                                             # the offline default: tiny model, arith, k1-in-reward
   python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
@@ -212,13 +226,43 @@ def resumed_config(given):
     except (OSError, ValueError, AssertionError):
         die(f"--resume {run}: config.json is unreadable or corrupt (not a JSON object)")
     names = {f.name: f.default for f in fields(Config)}
+    for f in fields(Config):                                 # a corrupt or edited value: one line, not a traceback
+        if f.name in saved and not fits(f, saved[f.name]):
+            die(f"--resume {run}: config.json has {f.name} = {saved[f.name]!r}, not a valid "
+                f"--{f.name.replace('_', '-')}")
     resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
+    resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
     for k, v in given.items():
         was = resumed.get(k, names[k])
-        if k not in RESUMABLE and (tuple(v) if isinstance(v, list) else v) != was:
+        if k not in RESUMABLE and same(v) != same(was):
             die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
                 f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
     return resumed
+
+
+def fits(f, v, item=False):
+    """Whether a value read from config.json can be Config field f: its type (None where that is the default, a list
+    for a tuple) and its choices."""
+    if isinstance(f.default, tuple) and not item:
+        return isinstance(v, list) and all(fits(f, x, item=True) for x in v)
+    if v is None:
+        return f.default is None and not item
+    kind = f.metadata.get("type") or type(f.default[0] if isinstance(f.default, tuple) else f.default)
+    ok = type(v) is kind if kind in (bool, int) else type(v) in (int, float) if kind is float else isinstance(v, str)
+    return ok and ("choices" not in f.metadata or v in f.metadata["choices"])
+
+
+def same(v):
+    """A value as given on the command line, or as stored in config.json, in one comparable form (paths absolute)."""
+    if isinstance(v, (tuple, list)):
+        return eval_files(v, same) if v and "=" in str(v[0]) else tuple(v)
+    return os.path.abspath(local(v)) if isinstance(v, str) and os.path.exists(local(v)) else v
+
+
+def eval_files(items, f):
+    """--eval-data TASK=FILE items with f applied to each FILE (a malformed item is left for load_data to refuse)."""
+    return tuple(f"{t}={f(p)}" if sep else t for t, sep, p in (str(d).partition("=") for d in items))
 
 
 def check_config(cfg):
@@ -227,28 +271,151 @@ def check_config(cfg):
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
-                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1))   # name -> (bound, 1: >=, 0: >)
+                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1), memory_budget_gb=(0, 1),
+                 threads=(0, 1))                             # name -> (bound, 1: >=, 0: >)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
         if not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
             raise ValueError(f"--{name.replace('_', '-')} must be finite and {'>=' if inclusive else '>'} {bound}, "
                              f"got {v}")
+    if not abs(cfg.seed) <= SEED_MAX:                       # torch seeds are 64-bit
+        raise ValueError(f"--seed must be at most {SEED_MAX} in size (step seeds are seed·100003 + step, 64-bit), "
+                         f"got {cfg.seed}")
     if not cfg.lora_dropout < 1:
         raise ValueError(f"--lora-dropout is a probability < 1, got {cfg.lora_dropout}")
     if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
         raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
     if not (cfg.max_grad_norm >= 0 and (cfg.token_budget is None or cfg.token_budget > 0)):
         raise ValueError("--max-grad-norm must be >= 0 and --token-budget > 0: a negative one flips the gradient")
+    if cfg.device is not None:                               # before a run folder exists: nothing left behind
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {cfg.device}: train.py runs on cpu or cuda")
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and not (device.index or 0) < n:
+            raise ValueError(f"--device {cfg.device}: no such CUDA device here ({n} visible)")
     if cfg.rollout_bf16_copy and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cuda":
         raise ValueError("--rollout-bf16-copy needs a CUDA device (a CPU run samples from the training model)")
     if not cfg.ratio_clip[0] <= cfg.ratio_clip[1]:
         raise ValueError(f"--ratio-clip LO HI needs LO <= HI, got {cfg.ratio_clip}")
-    if cfg.resume and not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
-        raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
-    states = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # a crash can leave any of them
-    if not cfg.resume and cfg.out and any(os.path.exists(os.path.join(cfg.out, n)) for n in states):
-        raise ValueError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
+    # configurations whose every gradient is exactly 0 (the run would end with exit 0 and nothing learned)
+    if not cfg.ratio_clip[0] <= 1 <= cfg.ratio_clip[1]:
+        raise ValueError(f"--ratio-clip {shown(cfg.ratio_clip)} excludes 1: the importance ratio is exactly 1 "
+                         f"on-policy and at every run's start, where a clamp that excludes it has zero gradient")
+    if cfg.token_budget is not None and not math.isfinite(cfg.token_budget):
+        raise ValueError(f"--token-budget {cfg.token_budget} divides the loss, and so every gradient, to 0")
+    if cfg.lr / (1 - 0.9) >= torch.finfo(torch.float32).max:   # Adam's first step is lr / (1 − β1)
+        raise ValueError(f"--lr {cfg.lr:g} overflows float32 in AdamW's first step (lr / (1 − 0.9))")
+    if cfg.lr * cfg.weight_decay >= 1:                     # AdamW: θ ← θ·(1 − lr·wd) − lr·update
+        raise ValueError(f"--lr {cfg.lr:g} × --weight-decay {cfg.weight_decay:g} >= 1: AdamW would scale the weights "
+                         f"by 1 − lr·wd = {1 - cfg.lr * cfg.weight_decay:.3g} every step (zeroing or flipping them)")
+    check_out(cfg, cfg.resume or cfg.out)
     return kl
+
+
+def check_out(cfg, out):
+    """Write only into a fresh folder or this run's own: checked early, and again under the folder's lock (another run
+    may have started or finished meanwhile). Refuses a folder that is, or is inside, a model folder, a checkpoint or
+    another run, and (without --resume) one holding another run, its metrics, other folders or a foreign config."""
+    if not out:
+        return
+    path, model = os.path.realpath(out), os.path.realpath(cfg.model) if os.path.isdir(cfg.model) else None
+    if model and (path == model or path.startswith(model + os.sep)):
+        raise ValueError(f"--out {out} is {'' if path == model else 'inside '}the --model folder {cfg.model}: it would "
+                         f"overwrite the model's files; pick an --out outside it")
+    up = os.path.dirname(path)
+    while up != os.path.dirname(up):                         # every folder above it, up to /
+        if kind := folder_kind(up):
+            raise ValueError(f"--out {out} is inside the {kind} folder {up} (a run nested there is overwritten or "
+                             f"deleted by it: a run's next save replaces its checkpoint/); pick an --out outside it")
+        up = os.path.dirname(up)
+    if cfg.resume:
+        if not os.path.isfile(os.path.join(checkpoint_dir(cfg.resume), "state.pt")):
+            raise ValueError(f"--resume {cfg.resume}: no checkpoint in it")
+        return
+    if not os.path.isdir(path):
+        return
+    if folder_kind(path) in ("checkpoint", "model"):
+        raise ValueError(f"--out {out} is a {folder_kind(path)} folder, not a run folder; pick another --out")
+    names = os.listdir(path)
+    if any(n.startswith("checkpoint") for n in names):      # a crash can leave checkpoint.old or checkpoint.tmp
+        raise ValueError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    saved = read_json(os.path.join(path, "config.json"))
+    if "config.json" in names and not is_run_config(saved):
+        raise ValueError(f"--out {out} holds a config.json that is not a train.py run's; pick another --out")
+    if saved:
+        mine = asdict(cfg)
+        for k in (f.name for f in fields(Config) if f.name not in RESUMABLE + ("out",)):
+            if k in saved and same(saved[k]) != same(mine[k]):
+                raise ValueError(f"--out {out} holds a run of another configuration (--{k.replace('_', '-')} "
+                                 f"{shown(same(saved[k]))} there, {shown(mine[k])} here); pick another --out")
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")) and os.path.getsize(os.path.join(path, "metrics.jsonl")):
+        raise ValueError(f"--out {out} holds the metrics of a run that never wrote a checkpoint; to start over, "
+                         f"delete it (rm -rf {shlex.quote(out)}) or pick another --out")
+    others = sorted(n for n in names if os.path.isdir(os.path.join(path, n)))
+    if others:
+        raise ValueError(f"--out {out} holds other folders ({', '.join(others[:3])}): not a run folder; pick a new "
+                         f"or empty --out")
+
+
+def save(out, model, optimizer, step, snapshots):
+    """save_checkpoint, or, when it cannot write (a full disk), one line naming the intact checkpoint and exit 1."""
+    try:
+        save_checkpoint(out, model, optimizer, step, snapshots)
+    except OSError as e:
+        print(f"train.py: error: cannot write the step-{step} checkpoint ({one_line(e)}); {last_checkpoint(out)}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def stop_on_signals(out):
+    """The command line: SIGINT (Ctrl-C) and SIGTERM (a scheduler) end the run with one line naming the last good
+    checkpoint, exit 128 + the signal's number; a second signal ends it at once. A signal the caller ignores (a
+    shell's background job ignores SIGINT) stays ignored."""
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        where = last_checkpoint(out) if out else "nothing was written"
+        print(f"train.py: stopped by {signal.Signals(signum).name}; {where}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, stop)
+
+
+ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)
+
+
+def first_nonfinite(model):
+    """Name of the first trainable parameter holding a NaN or inf, else None (one device sync)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if torch.stack([p.isfinite().all() for _, p in named]).all():
+        return None
+    return next(n for n, p in named if not p.isfinite().all())
+
+
+def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
+    """Count steps whose gradient norm is exactly 0 in a row: warn at the first, -> a one-line reason to stop at
+    ZERO_GRAD_STEPS, naming the cause when this batch shows it; else None. state: {"zeros": n, "warned": bool}."""
+    state["zeros"] = state["zeros"] + 1 if grad_norm == 0 else 0
+    if not state["zeros"]:
+        return None
+    if (logp[mask.bool()] == 0).all():
+        cause = f"every sampled token has probability 1 at --temperature {cfg.temperature:g} (sampling is greedy)"
+    elif (rewards.view(-1, cfg.group_size).std(1) == 0).all():
+        cause = "every group's completions got the same reward, so every advantage is 0 (and the KL is 0 at π_ref)"
+    else:
+        cause = "cause unknown"
+    if not state["warned"]:
+        state["warned"] = True
+        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause}); the run stops after "
+              f"{ZERO_GRAD_STEPS} such steps in a row", file=sys.stderr)
+    if state["zeros"] >= ZERO_GRAD_STEPS:
+        return (f"gradient norm exactly 0 for {ZERO_GRAD_STEPS} steps in a row (to step {step}: {cause}); "
+                "nothing is learning, stopping")
+    return None
 
 
 def load_data(cfg):
@@ -257,6 +424,10 @@ def load_data(cfg):
     files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
     if any(not f for f in files.values()):
         raise ValueError(f"--eval-data takes TASK=FILE pairs, got {' '.join(cfg.eval_data)}")
+    for name in files:                                       # a file for no held-out task would be ignored silently
+        if name not in (cfg.eval_tasks or (cfg.task,)):
+            raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
+                             f"{', '.join(cfg.eval_tasks or (cfg.task,))}; add it with --eval-tasks)")
     held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
                 for name in (cfg.eval_tasks or (cfg.task,))}
     for name, rows in [(cfg.task, train), *held_out.items()]:
@@ -264,14 +435,22 @@ def load_data(cfg):
             raise TaskError(f"task {name!r} has no examples")
     from policy import check_model_source
     from transformers import AutoConfig, AutoTokenizer
-    check_model_source(cfg.model)
+    source = check_model_source(cfg.model)                  # a short name (smollm2-135m) -> its converted folder
     try:
-        tok, model_cfg = AutoTokenizer.from_pretrained(cfg.model), AutoConfig.from_pretrained(cfg.model)
+        tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
     except OSError as e:                                     # hub id not cached offline, no access, no such repo
         raise OSError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+    limit = max_lora_rank(source)
+    if limit and cfg.lora_r > limit:
+        raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "
+                         f"{cfg.model} (a larger rank adds parameters, not capacity)")
     context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
-    questions = [ex["question"] for rows in (train, *held_out.values()) for ex in rows]
-    longest = max(len(ids) for ids in tok([build_prompt(tok, q) for q in questions])["input_ids"])
+    questions = sorted({ex["question"] for rows in (train, *held_out.values()) for ex in rows})
+    # the template adds the same text to every question: render only the 64 longest questions (rendering all 10k
+    # took ~4 s per run), so the longest prompt is among them up to a token or two at the seams, checked exactly
+    by_length = sorted(zip(map(len, tok(questions)["input_ids"]), questions))[-64:]
+    longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
+                                           for _, q in by_length])["input_ids"])
     if context and longest + cfg.max_new_tokens > context:
         raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
                          f"model's context of {context} tokens")
@@ -289,7 +468,7 @@ def evaluate(model, tok, cfg, held_out, step):
     records = []
     for name, rows in held_out.items():
         rec = {"type": "eval", "step": step, "task": name, "n": len(rows)}
-        prompts = [build_prompt(tok, ex["question"]) for ex in rows]
+        prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in rows]
         for mode in cfg.eval_modes:
             ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
                          seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
@@ -301,27 +480,51 @@ def evaluate(model, tok, cfg, held_out, step):
 
 def start_run(cfg, argv):
     """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's).
-    Everything that can fail on bad input (the checkpoint, the model files, the run folder) is tried before the
-    run folder is written, so a failed start loses nothing."""
+    The run folder is locked first (one writer; held until the process exits). Everything that can fail on bad input
+    (the checkpoint, the model files, the run folder) is tried before the run folder is written, so a failed start
+    loses nothing and leaves no folder it made."""
     from policy import load_policy
     if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(cfg.threads)
-    state = read_state(cfg.resume) if cfg.resume else None
-    torch.manual_seed(cfg.seed)                              # LoRA initialisation
-    try:
-        model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                                 lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                                 adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
-    except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
-        raise ValueError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0][:200]}") from None
     out = cfg.resume or cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.task}-{cfg.kl}")
-    os.makedirs(out, exist_ok=True)
-    json.dump(asdict(cfg), open(os.path.join(out, "config.json"), "w"), indent=2)
-    if state:                                                # every resume is on record, with the flags it had
+    made = lock_run(out)                                     # one writer per run folder, before anything is read
+    if argv is None:                                         # the command line (not a caller's process)
+        stop_on_signals(out)
+    try:
+        check_out(cfg, out)
+        state = read_state(cfg.resume) if cfg.resume else None
+        if state and read_adapter_config(checkpoint_dir(cfg.resume), cfg.model)["r"] != cfg.lora_r:
+            raise ValueError(f"--resume {cfg.resume}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
+        if state:                                            # provenance is written once, when the run starts
+            saved = json.load(open(os.path.join(cfg.resume, "config.json")))
+            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
+            now = model_identity(cfg.model)
+            if provenance["model_id"] and now != provenance["model_id"]:
+                raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
+                                 f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
+        torch.manual_seed(cfg.seed)                          # LoRA initialisation
+        try:
+            model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                     lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
+                                     adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
+        except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
+            raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}") from None
+    except BaseException:
+        release_run(out, made)                               # a failed start leaves no folder behind
+        raise
+    commit, dirty = code_version()
+    if not state:
+        provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model)}
+    stored = {**asdict(cfg), "out": out, **provenance}
+    stored.update({k: portable(stored[k]) for k in PATHS})
+    stored["eval_data"] = eval_files(cfg.eval_data, portable)
+    write_atomic(os.path.join(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
+    if state:                                                # every resume is on record, with the flags and code it had
         with open(os.path.join(out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
-                                "argv": list(sys.argv[1:] if argv is None else argv)}) + "\n")
+                                "argv": list(sys.argv[1:] if argv is None else argv), "code_commit": commit,
+                                "code_dirty": dirty}) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -353,17 +556,13 @@ def main(argv=None):
             print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
         out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
-        die(str(e).strip().splitlines()[0])
-    from policy import (adapter_snapshot, clock, device_memory, kl_stats_from_hidden, logprobs_in_chunks as
-                        logprobs_nograd, nograd_bytes_per_token, nograd_chunk_rows, peak_memory_gb, reset_peak_memory, rollout,
-                        rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
+        die(one_line(e))
+    from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
+                        nograd_passes, peak_memory_gb, reset_peak_memory, rollout, rollout_copy, swapped_adapter,
+                        sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
-    # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory levers)
-    device = model.get_input_embeddings().weight.device
-    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else device_memory(device, "total")
-    per_token = nograd_bytes_per_token(model.config, 4 if model.config.dtype == torch.float32 else 2)
     # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
     # unless dropout would perturb it
     nograd_policy_pass = cfg.lora_dropout > 0
@@ -374,6 +573,7 @@ def main(argv=None):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
+    zeros = {"zeros": 0, "warned": False}                   # steps in a row with gradient norm exactly 0
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
@@ -384,7 +584,7 @@ def main(argv=None):
         rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
         batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
             rng.choices(train_set, k=cfg.prompts_per_step)
-        prompts = [build_prompt(tok, ex["question"]) for ex in batch]
+        prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in batch]
         model.eval()                                         # generate and no-grad passes: no dropout, KV cache on
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))
@@ -395,8 +595,8 @@ def main(argv=None):
                          cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
                          compile=cfg.compile_decode)
             t1 = clock()
-            nb = nograd_chunk_rows(N, G, ro["input_ids"].shape[1], per_token, budget - device_memory(device, "used"))
-            nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
+            # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory)
+            nograd_rows = nograd_passes(model, N, G, ro["input_ids"].shape[1], cfg.memory_budget_gb)
             behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, 0, shared)[0] if cfg.async_level \
                 else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
@@ -442,6 +642,10 @@ def main(argv=None):
             return 1
         optimizer.step()
         t5 = clock()
+        if (bad := first_nonfinite(model)) is not None:     # before anything of this step is logged or saved
+            print(f"train.py: error: non-finite parameter {bad} after the optimizer step at step {step}; "
+                  f"{last_checkpoint(out)}", file=sys.stderr)
+            return 1
 
         logp = torch.cat(logps)                              # (N, C) the whole batch's metrics, no grad
         rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
@@ -451,12 +655,15 @@ def main(argv=None):
                "time_optimizer": t5 - t4, "time_step": t5 - t0, "tokens_per_s": attn.sum().item() / (t5 - t0),
                "peak_mem_gb": peak_memory_gb()}
         write(rec)
+        if (stop := zero_gradient(zeros, cfg, step, grad_norm, rewards, logp, mask)) is not None:
+            print(f"train.py: error: {stop}; {last_checkpoint(out)}", file=sys.stderr)
+            return 1
         pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
         if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:   # a log file or a scheduler: no bar
             print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "
                   f"{rec['time_step']:.2f} s/step", file=sys.stderr, flush=True)
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(out, model, optimizer, step + 1, snapshots)
+            save(out, model, optimizer, step + 1, snapshots)
     pbar.close()
     for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
         write(rec)
@@ -479,4 +686,5 @@ def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
 
 
 if __name__ == "__main__":
+    stop_on_signals(None)                                    # start_run names the run folder once there is one
     sys.exit(main())

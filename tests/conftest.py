@@ -28,3 +28,19 @@ def model_dir(tmp_path_factory):
     import tiny_model
     return tiny_model.build_random_model(str(tmp_path_factory.mktemp("tiny") / "m"), hidden_size=64,
                                          intermediate_size=128, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real model (real_model.py) converted once per test session into a cache of its own; every test, train.py
+    run and notebook kernel of the session then finds it there (real_model.CACHE and $KL_RL_CACHE), so nothing
+    reads or writes ~/.cache. Conversion: ~25 s on an idle CPU."""
+    import time
+
+    import real_model
+    root = str(tmp_path_factory.mktemp("kl-rl-cache"))
+    os.environ["KL_RL_CACHE"] = root                          # subprocesses and notebook kernels
+    real_model.CACHE = os.path.join(root, "models")
+    t0 = time.time()
+    folder = real_model.folder("smollm2-135m", quiet=True)
+    return {"folder": folder, "cache": real_model.CACHE, "seconds": time.time() - t0}

@@ -26,13 +26,29 @@ def test_smoke_study_writes_every_file_and_skips_finished_runs(tmp_path):
         assert all(key in r for r in recs), key
     assert all(0 <= r["in_greedy"] <= 1 and 0 <= r["ood_pass1"] <= 1 and r["steps"] == 3 for r in recs)
     text = open(tmp_path / "summary.md").read()
-    assert "| k1-in-reward | 0.3 |" in text and "## Claims" in text and "K3-in-reward collapses" in text
+    assert "| k1-in-reward | 0.3 |" in text and "## Claims" in text and "K3-in-loss is worse than K1-in-reward in" in text
+    assert "K3-in-reward collapses" not in text                     # no k3-in-reward runs: that claim is left out
+    for f in os.listdir(tmp_path / "runs"):                          # the runs name no machine (outside tmp_path)
+        assert ROOT not in open(tmp_path / "runs" / f / "config.json").read()
     assert os.path.getsize(tmp_path / "curves.png") > 1000
     # a re-run finds every run finished: nothing is trained again
     stamps = {f: os.path.getmtime(tmp_path / "runs" / f / "eval.json") for f in os.listdir(tmp_path / "runs")}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert stamps == {f: os.path.getmtime(tmp_path / "runs" / f / "eval.json") for f in stamps}
+    # a truncated eval.json is a run not finished: it is redone (evaluated again), the other one is not
+    bad = tmp_path / "runs" / "k3-in-loss-b0.3-s0" / "eval.json"
+    bad.write_text(bad.read_text()[:100])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(bad))["tasks"] and os.path.getmtime(tmp_path / "runs" / "k1-in-reward-b0.3-s0" /
+                                                              "eval.json") == stamps["k1-in-reward-b0.3-s0"]
+    # runs from another commit: the study refuses to mix them, before training anything
+    cfg_path = tmp_path / "runs" / "k1-in-reward-b0.3-s0" / "config.json"
+    cfg = json.load(open(cfg_path))
+    json.dump({**cfg, "code_commit": "0" * 40}, open(cfg_path, "w"))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and "mixes code versions" in p.stderr and "0000000" in p.stderr
 
 
 def synthetic(arm_means, spread=0.01, seeds=(0, 1, 2), betas=(0.05, 1.0)):

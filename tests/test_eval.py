@@ -107,6 +107,26 @@ def test_compare_synthetic(tmp_path, capsys):
     assert "pass@4" in out and "pass@3" not in out                       # powers of two and n in the table
 
 
+@pytest.mark.parametrize("breakage", ["no tasks' problems", "no config", "greedy missing", "samples unequal",
+                                      "length a string", "problems empty", "not a dict"])
+def test_compare_refuses_malformed_result_files_with_one_line(tmp_path, capsys, breakage):
+    good = _result(tmp_path / "a.json", [True, False], [[True, False], [False, False]], model="a")
+    res = json.load(open(good))
+    probs = res["tasks"]["arith"]["problems"]
+    {"no tasks' problems": lambda: res["tasks"].update(arith={}), "no config": lambda: res.pop("config"),
+     "greedy missing": lambda: probs[1].pop("greedy"),
+     "samples unequal": lambda: probs[1]["samples"]["correct"].append(True),
+     "length a string": lambda: probs[0]["greedy"].update(length="3"),
+     "problems empty": lambda: res["tasks"]["arith"].update(problems=[]),
+     "not a dict": lambda: probs.append(7)}[breakage]()
+    json.dump(res, open(tmp_path / "b.json", "w"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compare", good, str(tmp_path / "b.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "b.json is not an eval.py result file" in err, err
+
+
 def test_table_letter_columns_legend_and_footnote(tmp_path, capsys):
     """Short column headers (A, B, B − A), a legend naming each, and one line saying what * means."""
     rng = np.random.default_rng(0)
@@ -240,6 +260,32 @@ def test_bad_inputs_exit_2_with_one_line(zero_run, tmp_path, capsys):
     cfg_path = tmp_path / "wide-lora" / "adapter_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": model}))
     assert "size mismatch" in _error(FAST + ["--adapter", str(tmp_path / "wide-lora")], capsys)
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"r": 10**9}, "r = 1000000000;"),                         # peft would allocate 10^9 × d floats per layer
+    ({"r": 1e9}, "r = 1000000000.0;"), ({"r": 0}, "r = 0;"),
+    ({"rank_pattern": {"q_proj": 10**9}}, "rank_pattern['q_proj'] = 1000000000;"),
+    ({"lora_alpha": "big"}, "lora_alpha = 'big'"), ({"peft_type": "IA3"}, "not a LoRA adapter"),
+])
+def test_adapter_config_is_checked_before_anything_is_allocated(zero_run, tmp_path, capsys, change, says):
+    model, run = zero_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((run / "checkpoint" / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    line = _error(FAST + ["--adapter", str(bad)], capsys)
+    assert says in line, line
+    if "r" in change:                                          # the bound: the smallest adapted layer, named
+        from run_folder import max_lora_rank
+        assert f"from 1 to {max_lora_rank(model)} " in line
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_malformed_adapter_config_is_one_line(zero_run, tmp_path, capsys, text):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    assert "not a JSON object" in _error(FAST + ["--adapter", str(tmp_path / "a")], capsys)
 
 
 def test_cli_no_arguments_offline_demo(zero_run, tmp_path):

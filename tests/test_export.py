@@ -7,6 +7,7 @@ expressible configuration, and the printed flag names and values match a table w
 import ast
 import dataclasses
 import itertools
+import os
 import shlex
 import shutil
 import subprocess
@@ -259,3 +260,63 @@ def test_token_budget_async_and_4bit():
     assert "BitsAndBytesConfig" in trl_calls(text) and "constant factor" not in text   # L = max_completion_length
     assert "constant factor" in export.export(dataclasses.replace(c, token_budget=None), "trl")
     assert "max_steps=23" in text and "trains on-policy" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile strings: the output is safe to paste (issue 17)
+# ---------------------------------------------------------------------------------------------------------
+HOSTILE = ["m$(touch PWNED1)`touch PWNED2`", "it's \"q\"; touch PWNED3 #", "a b\\c $HOME ${x} !!"]
+STUB = "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done >> \"$ARGV_LOG\"; printf '\\n\\0' >> \"$ARGV_LOG\"\n"
+
+
+def run_as_shell(text, tmp_path):
+    """Run `text` with bash in tmp_path, python/python3 replaced by a stub that logs its arguments -> [argv, ...]."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    for name in ("python", "python3"):
+        (tmp_path / "bin" / name).write_text(STUB)
+        (tmp_path / "bin" / name).chmod(0o755)
+    log = tmp_path / "argv.log"
+    if log.exists():
+        log.unlink()
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "ARGV_LOG": str(log), "HOME": str(tmp_path)}
+    subprocess.run(["bash", "-c", text], cwd=tmp_path, env=env, check=True, capture_output=True)
+    argvs = log.read_text().split("\n\0") if log.exists() else []
+    return [a.split("\0")[:-1] for a in argvs if a]
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+@pytest.mark.parametrize("engine", export.ENGINES)
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_model_and_data_path_are_quoted_and_nothing_runs(engine, hostile, tmp_path):
+    c = dataclasses.replace(BASE, task="math", model=hostile, data_path=hostile + ".jsonl",
+                            kl_level="token" if engine == "openrlhf" else "sequence")
+    text = export.export(c, engine)
+    if engine == "trl":                                  # Python: the strings are literals, no statement added
+        tree = ast.parse(text)
+        strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        assert hostile in strings and hostile + ".jsonl" in strings
+        benign = ast.parse(export.export(dataclasses.replace(c, model="m", data_path="d.jsonl"), engine))
+        assert ast.dump(benign).count("Call(") == ast.dump(tree).count("Call(") and len(tree.body) == len(benign.body)
+        return
+    argvs = run_as_shell(text, tmp_path)                 # the command, as pasted
+    suggested = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   python -c "))
+    argvs += run_as_shell(suggested, tmp_path)           # and the commented data-conversion commands
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("PWNED")]
+    model_arg = f"actor_rollout_ref.model.path={hostile}" if engine == "verl" else hostile
+    assert model_arg in argvs[0]                         # the argument arrived exactly
+    assert len(argvs) == (3 if engine == "verl" else 2) and all(a[0] == "-c" and len(a) == 2 for a in argvs[1:])
+    codes = [a[1] for a in argvs[1:]]
+    paths = [k.value.value for code in codes for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+             for k in n.keywords if k.arg == "path"]
+    assert paths == [hostile + ".jsonl"]                 # the train rows' file, read back exactly
+    assert hostile in text.splitlines()[0] or shlex.quote(hostile) in text.splitlines()[0]
+    assert shlex.split(text.splitlines()[0].split("python train.py ", 1)[1])[1] == hostile   # header: --model VALUE
+
+
+@pytest.mark.parametrize("field", ["model", "data_path"])
+@pytest.mark.parametrize("bad", ["x\ntouch PWNED #", "x\rimport os", "x\x00y"])
+def test_line_breaks_in_strings_are_refused(field, bad):
+    c = dataclasses.replace(BASE, task="math", **{field: bad})
+    for engine in export.ENGINES:
+        with pytest.raises(export.ExportError, match=f"--{field.replace('_', '-')} .* line break"):
+            export.export(dataclasses.replace(c, kl_level="token" if engine == "openrlhf" else "sequence"), engine)

@@ -3,6 +3,7 @@ count, no input makes a grader super-linear, and the math grader's child process
 
 The only timed assertions are hard wall-clock budgets for hang checks: a call must finish in < 1 s (the math task:
 < GRADE_TIMEOUT + 2 s, its documented timeout). The inputs below took from 5 s to "never finished" before the fix."""
+import json
 import os
 import signal
 import subprocess
@@ -171,3 +172,58 @@ def test_math_grader_dies_with_its_parent(sig):
             parent.wait(10)
         if grader and not gone(grader):  # the bug: clean up the orphan we caused
             os.kill(grader, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ data files (issue 17)
+ROW = {"problem": "What is 1+1?", "answer": "2"}
+
+
+def test_data_files_are_read_within_limits_and_without_a_cache_copy(tmp_path, monkeypatch):
+    import datasets.config
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tasks, "MAX_LINE_BYTES", 1000, raising=False)
+    monkeypatch.setattr(tasks, "MAX_DATA_BYTES", 20_000, raising=False)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(json.dumps({**ROW, "answer": str(i)}) + "\n\n" for i in range(10)))   # blank lines: skipped
+    assert [ex["answer"] for ex in tasks.load_task("math", "test", path=str(ok))] == [str(i) for i in range(10)]
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([ROW, ROW]))
+    assert len(tasks.load_task("math", "test", path=str(as_list))) == 2
+    assert not os.path.exists(tmp_path / "cache")                   # no Arrow copy of the file in the datasets cache
+    long = tmp_path / "long.jsonl"                                 # a 5000-byte second row: 1000 bytes are read
+    long.write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "problem": "x" * 5000}) + "\n")
+    with pytest.raises(tasks.TaskError, match=r"long.jsonl line 2 is longer than 1,000 bytes"):
+        tasks.load_task("math", "test", path=str(long))
+    big = tmp_path / "big.jsonl"
+    big.write_text((json.dumps(ROW) + "\n") * 1000)
+    with pytest.raises(tasks.TaskError, match=r"holds 43,000 bytes, over the limit of 20,000"):
+        tasks.load_task("math", "test", path=str(big))
+
+
+@pytest.mark.parametrize("answer,says", [
+    ("NaN", "row 1: field 'answer' is nan"), ("Infinity", "row 1: field 'answer' is inf"),
+    ("-1e400", "row 1: field 'answer' is -inf"),
+    ("12345678901234567890.0", "row 1: field 'answer' is 1.2345678901234567e+19"),   # a float that lost digits
+    ("1" * 5000, "line 2: Exceeds the limit (4300 digits)"),
+    ('["2"]', "row 1: field 'answer' must be a string"),
+])
+def test_gold_answers_that_cannot_be_right_are_refused_with_the_row(tmp_path, answer, says):
+    path = tmp_path / "gold.jsonl"
+    path.write_text(json.dumps(ROW) + "\n" + '{"problem": "b", "answer": %s}\n' % answer)
+    with pytest.raises(tasks.TaskError) as e:
+        tasks.load_task("math", "test", path=str(path))
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_exact_gold_answers_are_kept_exactly(tmp_path):
+    path = tmp_path / "gold.jsonl"
+    path.write_text("".join(json.dumps({"problem": "p", "answer": a}) + "\n"
+                            for a in (12345678901234567890, 0.5, -3, "\\frac13")))
+    assert [ex["answer"] for ex in tasks.load_task("math", "test", path=str(path))] == \
+        ["12345678901234567890", "0.5", "-3", "\\frac13"]                 # main: "1.2345678901234567e+19", ...
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": 2.5}, {"problem": "q", "answer": float("nan")}]),
+                   tmp_path / "gold.parquet")
+    with pytest.raises(tasks.TaskError, match="row 1: field 'answer' is nan"):
+        tasks.load_task("math", "test", path=str(tmp_path / "gold.parquet"))

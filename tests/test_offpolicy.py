@@ -313,6 +313,13 @@ def test_off_policy_table_agrees_with_the_exact_oracle():
             assert abs(r["err"] - r["bias"]) < 0.1 * r["bias"] + 3 * r["sd"], (s, name)
 
 
+def test_off_policy_table_rows_depend_on_their_own_T_only():
+    # notebook 04 builds the table for one T, the README's for several: a row must not depend on the other Ts
+    kw = dict(stale=(0.5,), clips=(2,), V=2, R=2, N=5)
+    alone, together = toy.off_policy_table(Ts=(2,), **kw), toy.off_policy_table(Ts=(2, 3), **kw)
+    assert alone == [row for row in together if row[0] == 2]
+
+
 def test_off_policy_cli_rejects_bad_arguments():
     r = subprocess.run([sys.executable, "toy.py", "--off-policy", "--stale", "-1"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

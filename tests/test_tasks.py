@@ -17,7 +17,7 @@ FIX = Path(__file__).parent / "fixtures"
 
 # ----------------------------------------------------------------------------------------------------------- arith
 def test_task_names():
-    assert set(tasks.TASKS) == {"arith", "arith_ood", "arith_spaced", "countdown", "math", "math500",
+    assert set(tasks.TASKS) == {"arith", "arith_ood", "arith_spaced", "arith_q", "mul_q", "countdown", "math", "math500",
                                 "mmlu_college_physics",
                                 "mmlu_college_chemistry", "mmlu_college_biology"}
 
@@ -270,6 +270,21 @@ class FakeTokenizer:
     def apply_chat_template(self, messages, **kwargs):
         self.calls.append((messages, kwargs))
         return "<|user|>" + messages[0]["content"] + "<|assistant|>"
+
+
+def test_real_model_tasks_reuse_the_held_out_pairs_and_never_train_on_them():
+    arith, q = tasks.load_task("arith", "test"), tasks.load_task("arith_q", "test")
+    as_pairs = lambda exs: [tuple(map(int, re.findall(r"[0-9]+", ex["question"]))) for ex in exs]   # noqa: E731
+    assert as_pairs(q) == as_pairs(arith) and [ex["answer"] for ex in q] == [ex["answer"] for ex in arith]
+    assert q[0]["question"] == "What is 56 + 51? Answer with just the number."
+    train = tasks.load_task("arith_q", "train", seed=3)
+    assert len(train) == 10_000 and not set(as_pairs(train)) & set(as_pairs(q))
+    mul = tasks.load_task("mul_q", "test")
+    assert len(mul) == 169 and all(int(ex["answer"]) == a * b for ex, (a, b) in zip(mul, as_pairs(mul)))
+    assert tasks.reward("mul_q", "7 times 8 is 56.", {"answer": "56"}) == 1.0
+    assert tasks.reward("arith_q", "56 + 51 = 107", q[0]) == 1.0 and tasks.reward("arith_q", "56 + 51", q[0]) == 0
+    with pytest.raises(tasks.TaskError, match="evaluation task"):
+        tasks.load_task("mul_q", "train")
 
 
 def test_build_prompt():

@@ -66,7 +66,9 @@ def test_summary_averages_the_last_tenth_of_steps_and_the_plot_is_titled(tmp_pat
             "grad_norm", "time_step")
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(40):   # reward = step: first 0, the last 4 steps (10%) average 37.5
-            f.write(json.dumps({"type": "train", "step": step, **{k: float(step) for k in keys}}) + "\n")
+            exact = ("token_rkl", "token_fkl", "entropy") if step % 15 else ()   # --diag-every 15: steps 0, 15, 30
+            f.write(json.dumps({"type": "train", "step": step, **{k: float(step) for k in keys if k not in exact}})
+                    + "\n")
     titles, legends = [], []
     import matplotlib.figure
     save = matplotlib.figure.Figure.savefig
@@ -77,6 +79,7 @@ def test_summary_averages_the_last_tenth_of_steps_and_the_plot_is_titled(tmp_pat
     train.report(str(tmp_path))
     out = capsys.readouterr().out
     assert "| train reward | 0.0000 | 37.5000 |" in out and "mean of the last 4 steps" in out
+    assert "| train entropy | 0.0000 | 30.0000 |" in out        # no diagnostic in the last 4: the last of 3 logged
     assert "--kl k3-in-loss" in titles[0] and "β = 0.3" in titles[0] and "lr = 0.01" in titles[0]
     assert "reward (mean of 2)" in legends                   # 40 steps: a 2-step moving average over the raw curve
 

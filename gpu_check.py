@@ -168,6 +168,8 @@ def measure(spec):
     policy.token_logprobs(model, ro["input_ids"], ro["attention_mask"], 4).sum().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    gc.collect()
+    gc.freeze()                                              # each reset's collect skips the model's ~10^5 objects
     mem(device, "reset")
     result = {"static": mem(device, "now") - base, "probes": []}
     generate = GenerationMixin.generate                      # a meter at every decode step
@@ -203,6 +205,7 @@ def measure(spec):
     policy._completion_hidden = decoder
     GenerationMixin.generate = generate
     del model, opt, params
+    gc.unfreeze()
     gc.collect()
     return result
 

@@ -26,15 +26,19 @@ measurement at full depth and size.
     python gpu_check.py                             # on a GPU: everything below into gpu-check.md (<= 8 min on an H100)
 """
 import argparse
+import contextlib
 import ctypes
 import gc
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+
+import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_MODELS = ("qwen2.5-7b", "llama-3.1-8b", "qwen3-4b")
@@ -50,6 +54,11 @@ SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size
 SMALL_CHUNK_BYTES = 2**24
 SMALL_SHAPE = dict(n=8, g=4, rollout=4, micro=4, diag=4, new=32, prompt=48)
 SMALL_PROBE = dict(prompt=16, new=64, decode=8)
+# bench.py arms of the check: on a GPU 2 timed steps of ours (and its CUDA levers, TRL if installed); --small: 1 step
+GPU_BENCH = ["--load-in-4bit", "--gradient-checkpointing", "--prompts", "1", "--length", "256", "--repeats", "1",
+             "--steps", "2", "--warmup", "1", "--levers", "compile,bf16-copy"]
+TINY_BENCH = ["--prompts", "1", "--length", "4", "--repeats", "1", "--steps", "1", "--warmup", "0", "--levers", "none",
+              "--no-trl"]
 
 
 def shapes():
@@ -298,11 +307,7 @@ def memory_table(args):
         depth = cfg.get_text_config().num_hidden_layers
         name = os.path.basename(config)[:-5]
         if args.device == "cuda":                            # true depth and rows: measured, nothing extrapolated
-            probes = []
-            for shape in shapes().values():
-                probes += [p if p["phase"] != "no-grad" else dict(p, rows="budget", n=shape["n"], g=shape["g"],
-                                                                  budget=args.budget_gb * GiB)
-                           for p in true_probes(shape, 0)]
+            probes = [p for shape in shapes().values() for p in true_probes(shape, args.budget_gb * GiB)]
             run = measured(config, depth, probes, args)
             for i, shape_name in enumerate(shapes()):
                 peak = {p["phase"]: max(p["parts"].values()) for p in run["probes"][4 * i:4 * i + 4]}
@@ -325,10 +330,12 @@ def memory_table(args):
     return out
 
 
-def true_probes(shape, nograd_rows, prompt=PROMPT):
-    """Each phase of a shape at its true rows and lengths (a direct measurement, at the folder's depth)."""
+def true_probes(shape, budget, prompt=PROMPT):
+    """Each phase of a shape at its true rows and lengths (a direct measurement, at the folder's depth); the no-grad
+    rows are those train.py picks for the memory budget (bytes), as measure() finds them."""
     return [dict(phase="generate", rows=shape["rollout"], prompt=prompt, new=shape["new"]),
-            dict(phase="no-grad", rows=nograd_rows, prompt=prompt, new=shape["new"]),
+            dict(phase="no-grad", rows="budget", n=shape["n"], g=shape["g"], budget=budget, prompt=prompt,
+                 new=shape["new"]),
             dict(phase="grad", rows=shape["micro"], prompt=prompt, new=shape["new"]),
             dict(phase="diagnostics", rows=shape["diag"], prompt=0, new=shape["new"])]
 
@@ -348,12 +355,13 @@ def small_check(args):
     spec = dict(four_bit=False, dtype="fp32", device=args.device, threads=args.threads, chunk_bytes=SMALL_CHUNK_BYTES)
     sh = SMALL_SHAPE
     probes = cpu_probes(SMALL_PROBE, sh["prompt"])
+    full_probes = true_probes(sh, args.budget_gb * GiB, sh["prompt"])
     one, two, full = run_worker(*[{**spec, "folder": random_model(config, layers, args.cache), "probes": p}
-                                  for layers, p in ((1, probes), (2, probes), (depth, true_probes(sh, sh["n"], sh["prompt"])))])
-    runs = {1: one, 2: two}
+                                  for layers, p in ((1, probes), (2, probes), (depth, full_probes))])
+    runs, nograd_rows = {1: one, 2: two}, full["probes"][1]["rows"]          # train.py's rows for the budget
     rows, errors = ["| phase | extrapolated | measured | error |", "|---|---|---|---|"], {}
     want = {"static": (runs[1]["static"] + (depth - 1) * (runs[2]["static"] - runs[1]["static"]), full["static"])}
-    for phase, r in (("generate", sh["rollout"]), ("no-grad", sh["n"]), ("grad", sh["micro"]),
+    for phase, r in (("generate", sh["rollout"]), ("no-grad", nograd_rows), ("grad", sh["micro"]),
                      ("diagnostics", sh["diag"])):
         want[phase] = (extrapolate(runs, cfg, depth, phase, r, sh["new"], 4, SMALL_PROBE, sh["prompt"]),
                        direct(full, phase))
@@ -363,14 +371,17 @@ def small_check(args):
     return "\n".join(rows), errors
 
 
-def markdown(table, budget_gb, how):
-    lines = [f"| model | shape | static | generate | no-grad (rows) | grad | diagnostics | peak | ≤ {budget_gb:g} GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown(table, budget_gb, how, device):
+    """The table: one row per model × shape, every cell marked extrapolated (CPU) or measured (GPU)."""
+    source = "measured on GPU" if device == "cuda" else "extrapolated"
+    lines = [f"| model | shape | static | generate | no-grad (rows) | grad | diagnostics | peak | ≤ {budget_gb:g} GiB | "
+             "cells |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         peak = max(r[k] for k in ("static", "generate", "nograd", "grad", "diagnostics")) / GiB
         lines.append(f"| {r['model']} | {r['shape']} | {r['static'] / GiB:.1f} | {r['generate'] / GiB:.1f} | "
                      f"{r['nograd'] / GiB:.1f} ({r['nograd_rows']}) | {r['grad'] / GiB:.1f} | "
-                     f"{r['diagnostics'] / GiB:.1f} | {peak:.1f} | {'yes' if peak <= budget_gb else '**no**'} |")
+                     f"{r['diagnostics'] / GiB:.1f} | {peak:.1f} | {'yes' if peak <= budget_gb else '**no**'} | "
+                     f"{source} |")
     return "\n".join(lines) + f"\n\n{how}"
 
 
@@ -378,7 +389,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", action="store_true", help="the memory table only")
     ap.add_argument("--small", action="store_true", help="the memory model on a small config: extrapolated vs measured")
-    ap.add_argument("--models", default=",".join(os.path.join("configs", m + ".json") for m in PAPER_MODELS),
+    ap.add_argument("--models", default=",".join(os.path.join(HERE, "configs", m + ".json") for m in PAPER_MODELS),
                     help="comma list of config files (true width)")
     ap.add_argument("--budget-gb", type=float, default=24.0, help="the card the table is fitted to (GiB)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -391,44 +402,46 @@ def main(argv=None):
         specs = json.loads(args.worker)
         if not any(spec["four_bit"] for spec in specs):
             sys.modules.setdefault("bitsandbytes", None)     # peft imports it if installed: ~1.2 s, never used here
-        import bench
         bench.force_length()                                 # exactly C new tokens (stop tokens masked)
         measure({**specs[0], "probes": WARM_UP})            # first-call costs (kernels, pools) are nobody's static
         print("MEMORY " + json.dumps([measure(spec) for spec in specs]), flush=True)
         return 0
     import torch
+    import transformers
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.cache, exist_ok=True)
-    if args.small:
-        text, errors = small_check(args)
-        print(text)
-        return 0
-    if args.device != "cuda" and not args.memory:
-        raise SystemExit("gpu_check.py: the full check needs a GPU; on a CPU: --memory (extrapolated) or --small")
-    import torch
-    import transformers
     start = time.time()
-    how = ("measured on " + torch.cuda.get_device_name() + ", true depth" if args.device == "cuda" else
-           "CPU, every cell extrapolated from 1 and 2 layers and 1-2 short rows (gpu_check.py)") + \
-        f"; GiB, max over the phase's parts; torch {torch.__version__}, transformers {transformers.__version__}; " \
-        f"{time.strftime('%Y-%m-%d')}"
-    text = markdown(memory_table(args), args.budget_gb, how)
+    if args.small:                                           # the whole check's code path, CPU-sized (the tests)
+        text = small_check(args)[0]
+        folder, flags, title = os.path.join(HERE, "assets", "tiny-arith"), TINY_BENCH, "the shipped tiny model"
+    else:
+        if args.device != "cuda" and not args.memory:
+            raise SystemExit("gpu_check.py: the full check needs a GPU; on a CPU: --memory (extrapolated) or --small")
+        how = ("measured on " + torch.cuda.get_device_name() + ", true depth" if args.device == "cuda" else
+               "CPU: every cell extrapolated from 1 and 2 layers and 1-2 short rows") + \
+            f"; GiB, max over the phase's parts; torch {torch.__version__}, transformers {transformers.__version__}; " \
+            f"{time.strftime('%Y-%m-%d')}; `python gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+        text = markdown(memory_table(args), args.budget_gb, how, args.device)
+        # a few real 4-bit steps of the 7B config at 8 × 256 with TRL beside them, the decode floor and the CUDA levers
+        folder, flags = random_model(os.path.join(HERE, "configs", "qwen2.5-7b.json"), 28, args.cache), GPU_BENCH
+        title = "Qwen2.5-7B-shaped QLoRA, random weights"
     print(text, flush=True)
     if args.memory:
         return 0
-    # a few real 4-bit steps of the 7B config at 8 × 256 with TRL beside them, the decode floor and the CUDA levers
-    folder = random_model(os.path.join(HERE, "configs", "qwen2.5-7b.json"), 28, args.cache)
-    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--model", folder, "--load-in-4bit", "--gradient-checkpointing",
-           "--prompts", "1", "--length", "256", "--repeats", "1", "--steps", "2", "--warmup", "1",
-           "--levers", "compile,bf16-copy", "--json", os.path.join(args.cache, "gpu-check-bench.json")]
-    bench = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
-    steps = bench.stdout.strip() if bench.returncode == 0 else "bench.py failed:\n" + bench.stderr[-2000:]
+    argv = ["--model", os.path.relpath(folder, HERE) if folder.startswith(HERE) else folder, *flags, "--device",
+            args.device]
+    steps, failed = io.StringIO(), None
+    try:                                                     # bench.py runs each arm in a process of its own
+        with contextlib.redirect_stdout(steps):
+            bench.main(argv + ["--json", os.path.join(args.cache, "gpu-check-bench.json")])
+    except SystemExit as e:                                  # bench.py: one line naming the arm that failed
+        failed = str(e)
     report = (f"# gpu_check.py ({time.time() - start:.0f} s)\n\n## Memory of a train.py step (budget "
-              f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Qwen2.5-7B-shaped QLoRA, random weights: `{' '.join(cmd[1:])}`"
-              f"\n\n{steps}\n")
+              f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Step time, {title}: `python bench.py {' '.join(argv)}`\n\n"
+              f"{steps.getvalue().strip() if failed is None else 'bench.py failed: ' + failed}\n")
     open(args.out, "w").write(report)
     print(f"gpu_check.py: wrote {args.out}", file=sys.stderr)
-    return 0
+    return 0 if failed is None else 1
 
 
 if __name__ == "__main__":

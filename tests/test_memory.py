@@ -1,8 +1,8 @@
 """Memory (issues 16 and 19): vocabulary-sized tensors stay within their budget at a real vocabulary, measured as the
 peak RSS of a fresh process (Linux only: /proc/self/status VmHWM, reset through /proc/self/clear_refs)."""
-import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -76,14 +76,18 @@ def test_vocabulary_tensors_stay_within_half_a_gib_at_a_152k_vocabulary():
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/status")
-def test_memory_model_extrapolates_a_small_config_to_its_direct_measurement(tmp_path):
-    """gpu_check.py's CPU memory model (1 and 2 layers, 1 and 2 short rows -> full depth and shape) against the same
-    phases measured directly at full depth (4 layers) and shape, in fresh processes."""
+def test_gpu_check_small_extrapolates_to_the_direct_measurement_and_writes_the_report(tmp_path):
+    """`gpu_check.py --small`, the GPU check's code path at CPU size: the memory model (1 and 2 layers, 1 and 2 short
+    rows -> full depth and shape) against the same phases measured directly at full depth (4 layers) and shape, then
+    bench.py, into one markdown report."""
     import gpu_check
-    args = argparse.Namespace(device="cpu", threads=1, cache=str(tmp_path))
-    text, errors = gpu_check.small_check(args)
+    report = tmp_path / "gpu-check.md"
+    assert gpu_check.main(["--small", "--device", "cpu", "--cache", str(tmp_path), "--out", str(report)]) == 0
+    text = report.read_text()
+    errors = dict(re.findall(r"^\| (\S+) \| \d+ MiB \| \d+ MiB \| ([-+]\d+)% \|$", text, re.M))
     assert set(errors) == {"static", "generate", "no-grad", "grad", "diagnostics"}, text
-    assert all(abs(e) < 0.25 for e in errors.values()), text
+    assert all(abs(int(e)) <= 25 for e in errors.values()), text
+    assert re.search(r"^\| ours \| [0-9.]+ \|", text, re.M) and "bench.py --model" in text, text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -241,10 +241,12 @@ PHASES = ("generate", "no-grad", "grad", "diagnostics")
 WARM_UP = [dict(phase=phase, rows=1, prompt=4, new=4) for phase in PHASES]
 
 
-def cpu_probes(probe=PROBE, prompt=PROMPT):
-    """Each phase at 1 and 2 rows, short (see the module docstring); generate at the true prompt."""
+def cpu_probes(layers, probe=PROBE, prompt=PROMPT):
+    """Each phase at 1 row at 1 layer and at 1 and 2 rows at 2 layers, short (see the module docstring); generate at
+    the true prompt. A row's share is taken at 2 layers (at 1, the first layer is also the last and its peak is
+    atypical); a second row at 1 layer would cost minutes of a 7B-wide layer for nothing."""
     out = []
-    for rows in (1, 2):
+    for rows in (1,) if layers == 1 else (1, 2):
         out += [dict(phase="generate", rows=rows, prompt=prompt, new=probe["decode"]),
                 dict(phase="no-grad", rows=rows, prompt=probe["prompt"], new=probe["new"]),
                 dict(phase="grad", rows=rows, prompt=probe["prompt"], new=probe["new"]),
@@ -253,11 +255,12 @@ def cpu_probes(probe=PROBE, prompt=PROMPT):
 
 
 def extrapolate(runs, cfg, depth, phase, rows, new, value_bytes=2, probe=PROBE, prompt=PROMPT):
-    """A phase's peak at `rows` × (prompt + new) and true `depth` from CPU probes at 1 and 2 rows and layers.
-    Per part: a per-row share s and the rest, both affine in depth. A layer adds to s only what it keeps for the row
-    (the KV cache while generating, its checkpointed input in the grad pass; all else is freed before the next layer
-    runs), so s is the two depths' mean less that known growth (a measured per-layer change of s would be mostly
-    noise, and depth 28 multiplies it by 27). s then scales with the tokens the part reads (decoding: + its KV)."""
+    """A phase's peak at `rows` × (prompt + new) and true `depth` from CPU probes (cpu_probes: 1 row at 1 layer, 1
+    and 2 rows at 2). Per part: a per-row share s and the rest, both affine in depth. A layer adds to s only what it
+    keeps for the row (the KV cache while generating, its checkpointed input in the grad pass; all else is freed
+    before the next layer runs), so s is the 2-layer share less one layer's known growth, plus depth times it (a
+    measured per-layer change of s would be mostly noise, and depth 28 multiplies it by 27). s then scales with the
+    tokens the part reads (decoding: + its KV)."""
     def at(layers, r):
         return next(p["parts"] for p in runs[layers]["probes"] if p["phase"] == phase and p["rows"] == r)
     c = cfg.get_text_config()
@@ -268,8 +271,8 @@ def extrapolate(runs, cfg, depth, phase, rows, new, value_bytes=2, probe=PROBE, 
             grow = kv_layer * (prompt + (probe["decode"] if part == "decode" else 0))
         else:                                                # the grad pass keeps each layer's input (rows, T, H)
             grow = (probe["prompt"] + probe["new"]) * c.hidden_size * value_bytes if phase == "grad" else 0
-        share1 = (at(1, 2)[part] - at(1, 1)[part] + at(2, 2)[part] - at(2, 1)[part] - grow) / 2
-        rest = {L: (at(L, 1)[part] + at(L, 2)[part]) / 2 - 1.5 * (share1 + grow * (L - 1)) for L in (1, 2)}
+        share1 = at(2, 2)[part] - at(2, 1)[part] - grow                  # a row's share, one layer's growth off
+        rest = {L: at(L, 1)[part] - (share1 + grow * (L - 1)) for L in (1, 2)}
         fixed = rest[1] + (depth - 1) * (rest[2] - rest[1])
         per_row = share1 + grow * (depth - 1)
         if phase == "generate":
@@ -315,7 +318,7 @@ def memory_table(args):
                                 nograd=peak["no-grad"], nograd_rows=run["probes"][4 * i + 1]["rows"], grad=peak["grad"],
                                 diagnostics=peak["diagnostics"]))
             continue
-        runs = {layers: measured(config, layers, cpu_probes(), args) for layers in (1, 2)}
+        runs = {layers: measured(config, layers, cpu_probes(layers), args) for layers in (1, 2)}
         static = runs[1]["static"] + (depth - 1) * (runs[2]["static"] - runs[1]["static"])
         for shape_name, shape in shapes().items():
             seq = PROMPT + shape["new"]
@@ -354,10 +357,10 @@ def small_check(args):
     cfg, depth = AutoConfig.for_model(**SMALL), SMALL["num_hidden_layers"]
     spec = dict(four_bit=False, dtype="fp32", device=args.device, threads=args.threads, chunk_bytes=SMALL_CHUNK_BYTES)
     sh = SMALL_SHAPE
-    probes = cpu_probes(SMALL_PROBE, sh["prompt"])
+    probes = {layers: cpu_probes(layers, SMALL_PROBE, sh["prompt"]) for layers in (1, 2)}
     full_probes = true_probes(sh, args.budget_gb * GiB, sh["prompt"])
     one, two, full = run_worker(*[{**spec, "folder": random_model(config, layers, args.cache), "probes": p}
-                                  for layers, p in ((1, probes), (2, probes), (depth, full_probes))])
+                                  for layers, p in ((1, probes[1]), (2, probes[2]), (depth, full_probes))])
     runs, nograd_rows = {1: one, 2: two}, full["probes"][1]["rows"]          # train.py's rows for the budget
     rows, errors = ["| phase | extrapolated | measured | error |", "|---|---|---|---|"], {}
     want = {"static": (runs[1]["static"] + (depth - 1) * (runs[2]["static"] - runs[1]["static"]), full["static"])}

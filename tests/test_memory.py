@@ -86,7 +86,7 @@ def test_gpu_check_small_extrapolates_to_the_direct_measurement_and_writes_the_r
     text = report.read_text()
     errors = dict(re.findall(r"^\| (\S+) \| \d+ MiB \| \d+ MiB \| ([-+]\d+)% \|$", text, re.M))
     assert set(errors) == {"static", "generate", "no-grad", "grad", "diagnostics"}, text
-    assert all(abs(int(e)) <= 25 for e in errors.values()), text
+    assert all(abs(int(e)) <= 15 for e in errors.values()), text       # measured here: within 5%
     assert re.search(r"^\| ours \| [0-9.]+ \|", text, re.M) and "bench.py --model" in text, text
 
 

@@ -558,8 +558,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(one_line(e))
     from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
-                        nograd_passes, peak_memory_gb, reset_peak_memory, rollout, rollout_copy, swapped_adapter,
-                        sync_rollout_copy, token_logprobs)
+                        nograd_passes, peak_memory_gb, release_freed_memory, reset_peak_memory, rollout, rollout_copy,
+                        swapped_adapter, sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
@@ -630,6 +630,7 @@ def main(argv=None):
             loss.backward()
             logps.append(logp.detach())
             hs.append(h)
+        release_freed_memory()                               # the pass's freed activations leave RSS (CPU, glibc)
         t3 = clock()
         # exact KLs from the states those passes computed (the policy's from the no-grad pass when dropout is on)
         exact = kl_stats_from_hidden(model, sg_h if nograd_policy_pass else torch.cat(hs), ref_h, cfg.temperature) \

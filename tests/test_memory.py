@@ -35,7 +35,12 @@ diag = hwm() - base
 ids = torch.randint(0, 152064, (12, 40))             # 12 rows x (8 prompt + 32 completion) tokens: 147 + 147 + 90
 base = reset()
 policy.token_logprobs(model, ids, torch.ones_like(ids), 8).sum().backward()
-print(json.dumps({"diagnostics": diag, "grad": hwm() - base}))
+grad = hwm() - base
+with torch.no_grad():                                # the same values as one 384-row chunk (~0.2 GiB a tensor)
+    chunked = policy.token_logprobs(model, ids, torch.ones_like(ids), 8)
+    policy.VOCAB_CHUNK_BYTES = 2**40
+    same = torch.equal(chunked, policy.token_logprobs(model, ids, torch.ones_like(ids), 8))
+print(json.dumps({"diagnostics": diag, "grad": grad, "same": same}))
 """
 
 
@@ -73,6 +78,7 @@ def test_vocabulary_tensors_stay_within_half_a_gib_at_a_152k_vocabulary():
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.1 * 2**30 < peaks["diagnostics"] < 0.6 * 2**30, peaks
     assert 0.1 * 2**30 < peaks["grad"] < 0.6 * 2**30, peaks
+    assert peaks["same"], "chunked log-probs differ from one chunk at a 152k vocabulary"
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/status")
@@ -144,14 +150,16 @@ def test_nograd_chunk_rows_are_whole_groups_within_the_budget():
 
 
 def test_memory_budget_sets_the_no_grad_rows_and_changes_no_value(model_dir, tmp_path, monkeypatch):
+    """Also: train.py resets the peak-memory counter once per step (so peak_mem_gb is each step's own peak)."""
     import policy
     import train
-    seen, chunks = [], policy.logprobs_in_chunks
+    seen, chunks, resets = [], policy.logprobs_in_chunks, []
 
     def recording(model, ro, rows, *args, **kwargs):
         seen.append(rows)
         return chunks(model, ro, rows, *args, **kwargs)
     monkeypatch.setattr(policy, "logprobs_in_chunks", recording)
+    monkeypatch.setattr(policy, "reset_peak_memory", lambda: resets.append(1))
     small = ["--model", model_dir, "--steps", "2", "--prompts-per-step", "3", "--group-size", "2",
              "--max-new-tokens", "4", "--eval-n", "4", "--eval-every", "0", "--lr", "0.05", "--kl", "k1-in-reward"]
     recs = {}
@@ -162,21 +170,15 @@ def test_memory_budget_sets_the_no_grad_rows_and_changes_no_value(model_dir, tmp
                          k not in ("tokens_per_s", "peak_mem_gb")} for line in open(out / "metrics.jsonl")]
     assert [len(rows) for rows in seen] == [1, 1, 3, 3]                  # all 6 rows at once, then one group (2 rows)
     assert recs[None] == recs["0.000001"]
+    assert len(resets) == 4                                              # 2 runs x 2 steps
 
 
-def test_peak_memory_reads_the_cuda_reserve_and_train_resets_it_every_step(model_dir, tmp_path, monkeypatch):
+def test_peak_memory_reads_the_cuda_reserve_not_the_allocated_bytes(monkeypatch):
     import policy
-    import train
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
     assert policy.peak_memory_gb() == 3.0
-    monkeypatch.undo()
-    resets = []
-    monkeypatch.setattr(policy, "reset_peak_memory", lambda: resets.append(1))
-    assert train.main(["--model", model_dir, "--steps", "3", "--prompts-per-step", "2", "--group-size", "2",
-                       "--max-new-tokens", "3", "--eval-n", "2", "--eval-every", "0", "--out", str(tmp_path)]) == 0
-    assert len(resets) == 3
 
 
 def test_presets_train_lora_at_ten_times_the_papers_full_fine_tuning_lr():

@@ -250,7 +250,14 @@ def run_eval(args):
     if model.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 10_000_000:
         torch.set_num_threads(1)   # tiny matmuls: thread sync costs more than it saves (10x slower on a busy CPU)
     versions, sha = provenance()
-    out = {"config": {k: v for k, v in vars(args).items() if k not in ("compare", "task_list")},
+    import real_model
+    import real_model
+    from run_folder import portable
+    shown = {k: portable(v) if k in ("model", "adapter", "out") else v for k, v in vars(args).items()
+             if k not in ("compare", "task_list")}           # a result names no machine: paths relative to the repo,
+    shown["model"] = next((m for m in real_model.MODELS if os.path.realpath(os.path.join(real_model.CACHE, m)) ==
+                           os.path.realpath(args.model)), shown["model"])             # a converted model: its short name
+    out = {"config": shown,
            "versions": versions, "git_sha": sha, "seed": args.seed, "argv": sys.argv[1:],
            "device": str(model.get_input_embeddings().weight.device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "tasks": {}}

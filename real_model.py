@@ -102,7 +102,8 @@ def convert(name, out, quiet=False):
     hf_logging.disable_progress_bar()
     d, f = os.path.dirname(src), os.path.basename(src)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f, padding_side="left")   # left: batched generate appends right
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():   # the GGUF reader's bar
+    bar = not quiet and sys.stderr.isatty()                   # the GGUF reader's progress bar: a terminal only
+    with contextlib.nullcontext() if bar else contextlib.redirect_stderr(io.StringIO()):
         gguf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     config = gguf.config
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):   # no GGUF loader on reload

@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -385,7 +385,7 @@ def stop_on_signals(out):
             signal.signal(signum, stop)
 
 
-ZERO_GRAD_STEPS = 20   # K: a run whose gradient norm is exactly 0 this many steps in a row stops (nothing can learn)
+ZERO_GRAD_STEPS = 20   # K: a run whose first K steps all have gradient norm exactly 0 stops (nothing can learn)
 
 
 def first_nonfinite(model):
@@ -396,11 +396,29 @@ def first_nonfinite(model):
     return next(n for n, p in named if not p.isfinite().all())
 
 
+@contextmanager
+def finite_sampling(step, out):
+    """Weights can stay finite and still overflow the forward pass (`--lr 1e30`: every LoRA value ~1e30): then
+    generate's multinomial meets NaN probabilities. -> one line naming the step and the last checkpoint, exit 1."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        print(f"train.py: error: non-finite next-token probabilities while sampling at step {step}: the weights "
+              f"overflow in the forward pass (a learning rate too large?); {last_checkpoint(out)}, written after "
+              "the last update, which may hold the overflowing weights", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
-    """Count steps whose gradient norm is exactly 0 in a row: warn at the first, -> a one-line reason to stop at
-    ZERO_GRAD_STEPS, naming the cause when this batch shows it; else None. state: {"zeros": n, "warned": bool}."""
-    state["zeros"] = state["zeros"] + 1 if grad_norm == 0 else 0
-    if not state["zeros"]:
+    """Silent no-op training: -> a one-line reason to stop when this run's first ZERO_GRAD_STEPS steps all had
+    gradient norm exactly 0 (a configuration that cannot learn), naming the cause when this batch shows it; else
+    None. Once a step had a gradient, a later zero streak is a result (an arm without KL whose completions all fail:
+    every advantage 0), not a configuration: warned once, the run goes on. state: {"zeros", "moved", "warned"}."""
+    state["moved"] = state["moved"] or grad_norm > 0
+    state["zeros"] = 0 if state["moved"] else state["zeros"] + 1
+    if grad_norm > 0 or state["warned"]:
         return None
     if (logp[mask.bool()] == 0).all():
         cause = f"every sampled token has probability 1 at --temperature {cfg.temperature:g} (sampling is greedy)"
@@ -408,13 +426,14 @@ def zero_gradient(state, cfg, step, grad_norm, rewards, logp, mask):
         cause = "every group's completions got the same reward, so every advantage is 0 (and the KL is 0 at π_ref)"
     else:
         cause = "cause unknown"
-    if not state["warned"]:
-        state["warned"] = True
-        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause}); the run stops after "
-              f"{ZERO_GRAD_STEPS} such steps in a row", file=sys.stderr)
     if state["zeros"] >= ZERO_GRAD_STEPS:
-        return (f"gradient norm exactly 0 for {ZERO_GRAD_STEPS} steps in a row (to step {step}: {cause}); "
+        return (f"gradient norm exactly 0 at each of the first {ZERO_GRAD_STEPS} steps (to step {step}: {cause}); "
                 "nothing is learning, stopping")
+    if state["moved"] or state["zeros"] == 1:
+        state["warned"] = state["moved"]                    # before any gradient: warn once more when it stops
+        print(f"train.py: warning: gradient norm exactly 0 at step {step} ({cause})"
+              + ("" if state["moved"] else f"; the run stops if its first {ZERO_GRAD_STEPS} steps all are"),
+              file=sys.stderr)
     return None
 
 
@@ -573,12 +592,13 @@ def main(argv=None):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    zeros = {"zeros": 0, "warned": False}                   # steps in a row with gradient norm exactly 0
+    zeros = {"zeros": 0, "moved": False, "warned": False}   # steps with gradient norm exactly 0 (zero_gradient)
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
         if step % (cfg.eval_every or cfg.steps + 1) == 0:
-            for rec in evaluate(model, tok, cfg, held_out, step):
-                write(rec)
+            with finite_sampling(step, out):
+                for rec in evaluate(model, tok, cfg, held_out, step):
+                    write(rec)
         # 1. sample: P prompts × G completions from the behaviour policy μ -------------------------------------
         t0 = clock()
         rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
@@ -590,7 +610,7 @@ def main(argv=None):
             snapshots.append(adapter_snapshot(model))
         behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
         reset_peak_memory()                                  # peak_mem_gb: this step's peak
-        with behaviour:
+        with behaviour, finite_sampling(step, out):
             ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
                          cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
                          compile=cfg.compile_decode)
@@ -666,8 +686,9 @@ def main(argv=None):
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             save(out, model, optimizer, step + 1, snapshots)
     pbar.close()
-    for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
-        write(rec)
+    with finite_sampling(cfg.steps, out):
+        for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
+            write(rec)
     log.close()
     report(out)
     return 0

@@ -34,11 +34,15 @@ def model_dir(tmp_path_factory):
 def smollm2(tmp_path_factory):
     """The real model (real_model.py) converted once per test session into a cache of its own; every test, train.py
     run and notebook kernel of the session then finds it there (real_model.CACHE and $KL_RL_CACHE), so nothing
-    reads or writes ~/.cache. Conversion: ~25 s on an idle CPU."""
+    reads or writes ~/.cache. Conversion: ~25 s on an idle CPU, once per session (all pytest -n workers)."""
     import time
 
     import real_model
-    root = str(tmp_path_factory.mktemp("kl-rl-cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):                 # pytest -n: the workers share one conversion
+        base = base.parent                                   # (real_model's lock makes the second one wait, then reuse)
+    root = str(base / "kl-rl-cache")
+    os.makedirs(root, exist_ok=True)
     os.environ["KL_RL_CACHE"] = root                          # subprocesses and notebook kernels
     real_model.CACHE = os.path.join(root, "models")
     t0 = time.time()

@@ -83,6 +83,28 @@ def test_claim_verdicts_follow_the_ci_rule():
     assert verdicts["K3-in-loss is worse than K1-in-reward in domain"] == "cannot tell at this scale"
 
 
+def test_beta_claims_are_oriented_as_written():
+    """'K1-in-loss becomes unstable as β grows': a larger reward drop at the larger β is +, holds; 'lower β does
+    better': higher accuracy at the smaller β is +, holds. Reversing either data set reverses sign and verdict."""
+    def with_drops(drop_lo, drop_hi, acc_lo, acc_hi):
+        recs = synthetic({"none": 0.5, "k1-in-reward": 0.5, "k1-in-loss": 0.5, "k3-in-reward": 0.5,
+                          "k3-in-loss": 0.5, "k3-in-both": 0.5}, spread=0.002)
+        for r in recs:
+            if r["arm"] == "k1-in-loss":
+                r["reward_drop"] += drop_lo if r["beta"] == 0.05 else drop_hi
+            if r["arm"] == "k1-in-reward":
+                r["in_greedy"] += acc_lo if r["beta"] == 0.05 else acc_hi
+        return {c.split(":")[0]: (v, n) for c, v, n in comedy.claims(recs, [0.05, 1.0])}
+    unstable, lower = "K1-in-loss becomes unstable as β grows", "Lower β does better"
+    as_claimed = with_drops(0.0, 0.3, 0.2, 0.0)
+    assert as_claimed[unstable][0] == "holds" and as_claimed[unstable][1].startswith("+0.3")
+    assert "at β = 1 − at β = 0.05" in as_claimed[unstable][1]
+    assert as_claimed[lower][0] == "holds" and as_claimed[lower][1].startswith("+0.2")
+    reversed_ = with_drops(0.3, 0.0, 0.0, 0.2)
+    assert reversed_[unstable][0] == "does not hold" and reversed_[unstable][1].startswith("-0.3")
+    assert reversed_[lower][0] == "does not hold" and reversed_[lower][1].startswith("-0.2")
+
+
 def test_mean_ci_is_the_t_interval():
     m, h = comedy.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and h == pytest.approx(4.30 * 1.0 / 3 ** 0.5, rel=1e-3)

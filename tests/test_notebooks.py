@@ -5,7 +5,7 @@ sequence lengths, the same code), as a reader's Jupyter would run it: working di
 (the interpreter running pytest, through ipykernel). The notebooks assert their own quantitative claims in their
 cells, and their exercise solutions (cells tagged `solution`) assert their answers, so a notebook whose text and
 numbers disagree fails here with the cell's traceback. While it runs, every figure it shows is checked: each panel
-has both axis labels (a shared axis counts once) and a legend when it has more than one labelled line. Nothing is
+that has axes (not a diagram drawn with `axis("off")`) has both axis labels (a shared axis counts once) and a legend when it has more than one labelled line. Nothing is
 written back: the committed notebooks keep the outputs of their full-size run. TMPDIR points the kernel's run
 folders (tempfile.mkdtemp in the notebooks) into pytest's tmp_path, which pytest cleans up.
 
@@ -44,7 +44,7 @@ def _check_open_figures():
         _fig._hygiene_checked = True
         _FIGURES_SEEN.append(_num)
         for _ax in _fig.axes:
-            if _ax.get_label() == "<colorbar>":
+            if _ax.get_label() == "<colorbar>" or not _ax.axison:      # a colour bar, or a diagram drawn axis-off
                 continue
             _where = f"figure {len(_FIGURES_SEEN)}, panel {_ax.get_title()[:50]!r}"
             for _axis in ("x", "y"):

@@ -6,13 +6,15 @@ is train.main with the loss matched to TRL's (k3-in-loss, --adv grpo = scale_rew
 loss_type="dr_grpo", use_bias_correction_kl=False); its split comes from metrics.jsonl. TRL's split comes from its own
 profiling contexts (transformers.generate, _prepare_inputs) plus Trainer callbacks around the optimizer step.
 
-Each arm runs in its own process (peak memory is its own: RSS on a CPU, max allocated on CUDA), arms interleaved over
---repeats rounds so the machine's load hits all alike; the first --warmup steps of each process are dropped.
+Each arm runs in its own process (peak memory is its own: RSS on a CPU, the caching allocator's peak reserve on CUDA),
+arms interleaved over --repeats rounds so the machine's load hits all alike; the first --warmup steps of each process
+are dropped.
 
     python bench.py                                            # tiny model, CPU: ours, the levers, TRL if installed
     python bench.py --length 64 --repeats 5 --json out.json
     python bench.py --model configs/qwen2.5-7b.json --load-in-4bit --prompts 1 --length 256   # a GPU: 7B-shaped QLoRA
     python bench.py --tree /tmp/old                            # also an older checkout (git worktree): before/after
+    python bench.py --model smollm2-135m --task arith_q --levers share-prompt   # the real model at its preset's shape
 
 A configs/*.json model gets random weights (saved once under --cache, bf16) and the shipped tiny tokenizer: prompts
 are its ids (< 300), valid ids of the big vocabulary; sampled ids it cannot decode decode to nothing (reward 0).
@@ -45,7 +47,9 @@ PARTS = ("generate", "no_grad", "policy", "optimizer")
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=TINY, help="model folder, or a configs/*.json for random weights")
+    ap.add_argument("--model", default=TINY, help="model folder, a short name (smollm2-135m: real_model.py), or a "
+                    "configs/*.json for random weights")
+    ap.add_argument("--task", default="arith", help="prompts and reward (arith_q: the smollm2-cpu preset's)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
     ap.add_argument("--length", type=int, default=8, help="L: tokens per completion (exactly)")
@@ -76,9 +80,11 @@ def parse(argv=None):
 # Shared by both sides: the model folder, the prompts of each step, fixed-length generation
 # ---------------------------------------------------------------------------------------------------------
 def model_folder(model, cache, device):
-    """A folder as is; configs/NAME.json -> cache/NAME with random bf16 weights and the tiny tokenizer (built once)."""
+    """A folder as is, a short name as its converted folder (real_model.py); configs/NAME.json -> cache/NAME with
+    random bf16 weights and the tiny tokenizer (built once)."""
     if not model.endswith(".json"):
-        return model
+        from real_model import resolve
+        return resolve(model)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     out = os.path.join(cache, os.path.basename(model)[:-5])
@@ -92,10 +98,10 @@ def model_folder(model, cache, device):
     return out
 
 
-def step_examples(steps, prompts, seed=0):
-    """The arith examples train.py draws at each step (its per-step RNG), so TRL gets the very same prompts."""
+def step_examples(steps, prompts, task="arith", seed=0):
+    """The examples train.py draws at each step (its per-step RNG), so TRL gets the very same prompts."""
     from tasks import load_task
-    train = load_task("arith", "train", seed=seed)
+    train = load_task(task, "train", seed=seed)
     return [random.Random(seed * 100003 + s).sample(train, prompts) for s in range(steps)]
 
 
@@ -160,7 +166,7 @@ def ours(spec, tmp):
     flags = dict(model=spec["model"], out=out, steps=spec["warmup"] + spec["steps"], prompts_per_step=P, group_size=G,
                  max_new_tokens=L, micro_batch_size=P * G, kl="k3-in-loss", adv="grpo", token_budget=L,
                  beta=spec["beta"], lr=spec["lr"], lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_every=0,
-                 eval_n=1, threads=spec["threads"], device=spec["device"])
+                 eval_n=1, threads=spec["threads"], device=spec["device"], task=spec["task"])
     if spec["dtype"] != "auto":                            # older checkouts have no --dtype
         flags["dtype"] = spec["dtype"]
     argv = [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))] + spec["flags"]
@@ -171,7 +177,7 @@ def ours(spec, tmp):
     steps = [{"generate": r["time_generate"], "no_grad": r["time_no_grad"], "policy": r["time_policy"],
               "optimizer": r.get("time_optimizer"), "step": r["time_step"], "length": r["completion_len"]}
              for r in recs]
-    result = {"steps": steps, "peak_mem_gb": recs[-1]["peak_mem_gb"]}
+    result = {"steps": steps, "peak_mem_gb": max(r["peak_mem_gb"] for r in recs)}   # CUDA: reset every step
     if spec["device"] == "cuda":
         result["decode_bytes"] = decode_bytes(seen["model"], P * G, 16 + L / 2)   # arith prompts: ~14-16 tokens
     return result
@@ -228,7 +234,8 @@ def trl(spec, tmp):
 
     L, G, P, K = spec["length"], spec["group_size"], spec["prompts"], spec["warmup"] + spec["steps"]
     tok = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
-    rows = [dict(ex, prompt=build_prompt(tok, ex["question"])) for batch in step_examples(K, P) for ex in batch]
+    rows = [dict(ex, prompt=build_prompt(tok, ex["question"])) for batch in step_examples(K, P, spec["task"])
+            for ex in batch]
     dtype = policy.DTYPES.get(spec["dtype"], torch.bfloat16 if cuda else torch.float32)
     init = {"dtype": dtype, "device_map": {"": spec["device"]}}
     if spec["load_in_4bit"]:
@@ -244,7 +251,8 @@ def trl(spec, tmp):
                       gradient_checkpointing=spec["gradient_checkpointing"], model_init_kwargs=init)
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    score = lambda completions, answer, **kw: [reward("arith", c, {"answer": a}) for c, a in zip(completions, answer)]
+    score = lambda completions, answer, **kw: [reward(spec["task"], c, {"answer": a}) for c, a in
+                                               zip(completions, answer)]
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=score, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=lora, callbacks=[Clock()])
     trainer.train()
@@ -325,11 +333,11 @@ def main(argv=None):
         raise SystemExit(f"bench.py: unknown lever {bad[0]}; choose from {', '.join(LEVERS)}")
     if device != "cuda" and (bad := [x for x in levers if "--rollout-bf16-copy" in LEVERS[x]]):
         raise SystemExit(f"bench.py: lever {bad[0]} needs a CUDA device")
-    base = dict(model=os.path.abspath(model_folder(args.model, args.cache, device)), prompts=args.prompts,
-                group_size=args.group_size, length=args.length, steps=args.steps, warmup=args.warmup, beta=args.beta,
-                lr=args.lr, lora_r=args.lora_r, load_in_4bit=args.load_in_4bit, dtype=args.dtype, device=device,
-                gradient_checkpointing=args.gradient_checkpointing, threads=args.threads, tree=HERE,
-                flags=shlex.split(args.ours_flags))
+    base = dict(model=os.path.abspath(model_folder(args.model, args.cache, device)), task=args.task,
+                prompts=args.prompts, group_size=args.group_size, length=args.length, steps=args.steps,
+                warmup=args.warmup, beta=args.beta, lr=args.lr, lora_r=args.lora_r, load_in_4bit=args.load_in_4bit,
+                dtype=args.dtype, device=device, gradient_checkpointing=args.gradient_checkpointing,
+                threads=args.threads, tree=HERE, flags=shlex.split(args.ours_flags))
     arms = [dict(base, arm="ours")] + [dict(base, arm=f"ours {x}", flags=base["flags"] + LEVERS[x]) for x in levers]
     arms += [dict(base, arm=f"ours @{commit(t)}", tree=os.path.abspath(t)) for t in args.tree]
     has_trl = importlib.util.find_spec("trl") is not None
@@ -343,7 +351,8 @@ def main(argv=None):
             results[spec["arm"]].append(run_arm(spec))
     bw = bandwidth(device) if device == "cuda" else None
     summary = {arm: summarise(res, base, device, bw) for arm, res in results.items()}
-    title = (f"{os.path.basename(args.model)}, {args.prompts} prompts × G = {args.group_size} × L = {args.length}, "
+    title = (f"{os.path.basename(args.model)}, {args.task}, {args.prompts} prompts × G = {args.group_size} × L = "
+             f"{args.length}, "
              f"{'4-bit' if args.load_in_4bit else args.dtype}, {device}"
              + (f" ({torch.cuda.get_device_name()}, {bw / 1e9:.0f} GB/s copy)" if bw else f", {args.threads} thread(s)")
              + f"; {args.repeats} rounds × {args.steps} steps; load average {statistics.median(loads):.1f} "

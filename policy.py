@@ -20,6 +20,7 @@ The loss these tensors feed is in kl_rl.py (torch only). Simplifications: HF gen
 """
 
 import contextlib
+import ctypes
 import inspect
 import logging
 import os
@@ -87,6 +88,7 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     if load_in_4bit:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        fp32_head_only(base, dtype)
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
@@ -96,9 +98,57 @@ def load_policy(model, *, load_in_4bit=False, lora_r=16, lora_alpha=32, lora_dro
     return get_peft_model(base, lora), tokenizer
 
 
-def peak_memory_gb():
+def fp32_head_only(base, dtype):
+    """Undo prepare_model_for_kbit_training's fp32 upcast of every weight it does not quantise, except the LM head's.
+    The head needs fp32: log π and δ = log π − log π_ref come from its logits, and bf16 logits carry up to ±0.06 of
+    rounding at |logit| ≈ 16, more than a typical token's δ. The rest follows the compute dtype: the embedding is a
+    lookup, the RMS norms normalise in fp32 internally, and an fp32 embedding made the residual stream and the KV cache
+    fp32 under bf16 compute (twice their memory; 7B: +1.1 GB of embedding). A tied head keeps the shared weight in
+    fp32 and the embedding's output is cast down. With fp32 compute nothing changes."""
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    for p in base.parameters():
+        if p.dtype == torch.float32 and p is not head.weight:
+            p.data = p.data.to(dtype)
+    if embedding.weight is head.weight:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+
+
+def device_memory(device, what):
+    """Bytes: "total" (the GPU's memory, or RAM) or "used" (live CUDA tensors, or this process's RSS on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory if what == "total" else \
+            torch.cuda.memory_allocated(device)
+    if what == "total":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return 0
+
+
+def reset_peak_memory():
+    """On CUDA, start a new peak for peak_memory_gb (train.py: every step)."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+
+def release_freed_memory():
+    """Hand the heap memory glibc keeps after a free back to the OS (train.py: after the grad pass). glibc serves
+    tensors under its mmap threshold (up to 32 MiB) from a heap it seldom shrinks, so the grad pass's freed
+    activations stayed in RSS and the exact-KL chunks came on top of them (SmolLM2-135M, smollm2-cpu preset: RSS
+    3.8-4.3 GiB after the pass, 1.0 GiB of it live; README: Memory). A no-op elsewhere; no value changes."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):                       # not glibc
+        pass
+
+
+def peak_memory_gb():
+    """CUDA: the caching allocator's peak reserve since reset_peak_memory (what the card had to hold: tensors plus
+    the allocator's cache); CPU: the process's peak RSS so far."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # Linux reports KiB
 
 
@@ -221,12 +271,28 @@ def _logits(model, h, temperature=1.0):
     return (cap * torch.tanh(logits / cap) if cap else logits) / temperature
 
 
-def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=512, keep_hidden=None,
+VOCAB_CHUNK_BYTES = 2**29     # 0.5 GiB: what the (rows, V) float32 tensors of one log-prob or exact-KL chunk may hold
+
+
+def vocab_chunks(n, vocab_size, tensors, cap=512):
+    """Row slices covering range(n), each small enough that `tensors` float32 tensors of shape (rows, vocab_size) fit
+    VOCAB_CHUNK_BYTES: 512 rows (the cap) up to V ≈ 43k for log-probs, 64 rows at the least. A row's log-prob or KL
+    does not depend on its chunk as long as the chunk has 4 rows or more (MKL and cuBLAS matmuls are row-invariant
+    from there): a tail of 1-3 rows is merged into the chunk before it, split in two halves."""
+    rows = min(cap, max(64, VOCAB_CHUNK_BYTES // (tensors * 4 * vocab_size)))
+    cuts = list(range(0, n, rows)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < 4:            # [.., a, b, n] with n - b < 4 -> [.., a, (a + n) // 2, n]
+        cuts[-2] = (cuts[-3] + n) // 2
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0, chunk=None, keep_hidden=None,
                    group_size=1):
     """log π(y_t | s_t) of the completion tokens under logits/temperature: (N, C).
 
-    Logits are built `chunk` token rows at a time; under grad each chunk is checkpointed, so backward recomputes its
-    (chunk, V) float32 logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit).
+    Logits are built a chunk of token rows at a time (`chunk` rows, default vocab_chunks: ~6 (rows, V) float32 tensors
+    within 0.5 GiB, i.e. 512 rows at V = 49k, 147 at V = 152k); under grad each chunk is checkpointed, so backward
+    recomputes its logits instead of keeping all N·C·V of them alive (7B: V = 152k, 4 B/logit).
     keep_hidden=k: return (log-probs, hidden) where hidden (M, H) holds the detached last-layer states of the real
     completion tokens of the first k rows, so the exact KL diagnostics need no decoder pass of their own.
     group_size: share each group's prompt pass (see _completion_hidden)."""
@@ -238,9 +304,9 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0
         return logits.gather(1, y_c[:, None]).squeeze(1) - logits.logsumexp(1)
 
     flat_h, flat_y = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    out = []
-    for i in range(0, flat_y.numel(), chunk):
-        args = (flat_h[i:i + chunk], flat_y[i:i + chunk])
+    out = []                                  # 6 (n, V) tensors: logits, /T, 2 in logsumexp, 2 more in backward
+    for sl in vocab_chunks(flat_y.numel(), model.get_output_embeddings().out_features, 6, cap=chunk or 512):
+        args = (flat_h[sl], flat_y[sl])
         out.append(checkpoint(chunk_logp, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logp(*args))
     logp = torch.cat(out).view_as(targets)
@@ -248,6 +314,31 @@ def token_logprobs(model, input_ids, attention_mask, prompt_len, temperature=1.0
         return logp
     real = attention_mask[:keep_hidden, prompt_len:].bool()               # (k, C) the completion mask of rollout()
     return logp, h[:keep_hidden].detach()[real]                           # (M, H) a copy: the pass's h can go
+
+
+def nograd_bytes_per_token(config, dtype_bytes):
+    """Bytes per token of a no-grad decoder pass at its peak (layers run one at a time, so depth does not count):
+    the MLP's intermediate activations in the compute dtype (gate, up, act·up) and the float32 LoRA branch of its
+    projections, plus a few hidden-size tensors. An upper bound on gpu_check.py's measurements (README: Memory)."""
+    c = config.get_text_config()
+    return c.intermediate_size * (3 * dtype_bytes + 12) + c.hidden_size * (8 * dtype_bytes + 16)
+
+
+def nograd_chunk_rows(n, group_size, seq_len, bytes_per_token, free_bytes):
+    """Rows per no-grad pass (whole groups, at least one; at most n) whose decoder working set and one
+    vocabulary chunk fit free_bytes. The rows do not change any value (each row's log-probs are its own)."""
+    fit = int((free_bytes - VOCAB_CHUNK_BYTES) // max(seq_len * bytes_per_token, 1)) // group_size * group_size
+    return max(group_size, min(n, fit))
+
+
+def nograd_passes(model, n, group_size, seq_len, budget_gb=0):
+    """Row slices of train.py's no-grad passes over n rows of seq_len tokens: nograd_chunk_rows within the memory
+    budget (GiB; 0: the device's memory, or RAM on a CPU) less what the process holds now."""
+    device = model.get_input_embeddings().weight.device
+    budget = budget_gb * 2**30 if budget_gb else device_memory(device, "total")
+    per_token = nograd_bytes_per_token(model.config, 4 if model.config.dtype == torch.float32 else 2)
+    rows = nograd_chunk_rows(n, group_size, seq_len, per_token, budget - device_memory(device, "used"))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
 
 
 @torch.no_grad()
@@ -260,26 +351,32 @@ def logprobs_in_chunks(model, ro, rows, temperature, keep_hidden=0, group_size=1
 
 
 @torch.no_grad()
-def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=512):
+def kl_stats_from_hidden(model, h, h_ref, temperature=1.0, chunk=None):
     """Exact token-level KL(π‖π_ref), KL(π_ref‖π) and H(π) over the whole vocabulary (no estimator), averaged
     over the (M, H) hidden states of real completion tokens under π and π_ref. Only the LM head runs here: the
-    decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass)."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    decoder states come from passes the step makes anyway (train.py: the reference pass and the grad pass).
+    Chunks of vocab_chunks rows (~10 (rows, V) float32 tensors within 0.5 GiB: 273 rows at V = 49k, 88 -> 64 at 152k;
+    `chunk` caps them); the sums do not depend on the chunk size."""
     # only an adapter on the LM head itself changes it ("all-linear" leaves it out); a toggle costs ~6 ms per chunk
     head_adapted = isinstance(model.get_output_embeddings(), LoraLayer)
     reference = model.disable_adapter if head_adapted else contextlib.nullcontext
-    for i in range(0, len(h), chunk):
-        logits = _logits(model, h[i:i + chunk])                            # (n, V)
+    per_row = []
+    for sl in vocab_chunks(len(h), model.get_output_embeddings().out_features, 10, cap=chunk or 512):
+        logits = _logits(model, h[sl])                                     # (n, V)
         with reference():
-            ref_logits = _logits(model, h_ref[i:i + chunk])                # (n, V)
-        reverse, forward, entropy = full_kl(logits, ref_logits, temperature)
-        sums += torch.stack([reverse.sum(), forward.sum(), entropy.sum()]).double().cpu()
+            ref_logits = _logits(model, h_ref[sl])                         # (n, V)
+        per_row.append(torch.stack(full_kl(logits, ref_logits, temperature)))   # (3, n) reverse, forward, entropy
+    per_row = torch.cat(per_row, 1) if per_row else torch.zeros(3, 0)   # (3, M)
+    # summed 512 rows at a time in float32, then in float64: the order these metrics have always been summed in
+    sums = torch.zeros(3, dtype=torch.float64)
+    for blk in per_row.split(512, 1):
+        sums += torch.stack([row.sum() for row in blk]).double().cpu()
     reverse, forward, entropy = (sums / max(len(h), 1)).tolist()
     return {"token_rkl": reverse, "token_fkl": forward, "entropy": entropy}
 
 
 @torch.no_grad()
-def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=512):
+def token_kl_stats(model, input_ids, attention_mask, prompt_len, completion_mask, temperature=1.0, chunk=None):
     """kl_stats_from_hidden with its own two decoder passes (policy and reference) over the given rows."""
     keep = completion_mask.bool()
     h = _completion_hidden(model, input_ids, attention_mask, prompt_len)[keep]             # (M, H) real tokens

@@ -10,11 +10,11 @@ frozen base model (LoRA adapters switched off), so a run holds one copy of the b
   4. step     gradient-norm clip, one AdamW step
 Setups: --preset paper-onpolicy (§4.1: RLOO, G=5, β=0.05, strictly on-policy, ≈256 samples per step; also what a
 data-set task without --preset gets) and --preset paper-async (§4.2: Dr. GRPO, G=16, β=0.005, async level 10, ratio
-clipped to [0, 8], lr 1e-6); the paper's arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss,
-...). Explicit flags override a preset.
+clipped to [0, 8]); the paper's arms are --kl values (k1-in-reward, k1-in-loss, k3-in-reward, k3-in-loss, ...).
+Explicit flags override a preset.
 
-Simplifications vs the paper: LoRA instead of full fine-tuning (the presets keep the paper's lr 1e-6, which is a
-full-fine-tuning value: LoRA usually wants 10-100× more, untested); HF generate instead of vLLM; completions of at
+Simplifications vs the paper: LoRA instead of full fine-tuning (the presets use lr 1e-5, 10x the paper's full-fine-
+tuning 1e-6, as LoRA GRPO recipes do; --lr 1e-6 is the paper's); HF generate instead of vLLM; completions of at
 most 1024 tokens instead of 4096; asynchrony is simulated on one device (the behaviour policy is a stored copy of
 the adapters N steps old, so μ is exactly that checkpoint).
 
@@ -112,6 +112,8 @@ class Config:
     micro_batch_size: int = arg(256, "sequences per forward/backward pass", OPT)
     optim: str = arg("adamw", "optimizer", OPT, choices=("adamw", "paged_adamw_8bit"))
     share_prompt: bool = arg(False, "log-prob passes run a group's prompt once for its G rows (float rounding)", OPT)
+    memory_budget_gb: float = arg(0.0, "memory (GiB) the no-grad passes may fill, which sets their rows per pass (0: "
+                                  "the GPU's memory, or RAM on a CPU)", OPT)
     max_new_tokens: int = arg(8, "completion length limit", GEN)
     temperature: float = arg(1.0, "sampling temperature (KL and ratios use logits / T too)", GEN)
     rollout_batch_size: int = arg(0, "sequences per generate call (0 = the whole batch)", GEN)
@@ -141,13 +143,15 @@ HUB_TASKS = ("math", "math500", "mmlu_college_physics", "mmlu_college_chemistry"
 PAPER_7B = dict(model="Qwen/Qwen2.5-7B", task="math", eval_tasks=("math500",), load_in_4bit=True,
                 gradient_checkpointing=True, micro_batch_size=4, rollout_batch_size=64, max_new_tokens=1024,
                 temperature=1.0, eval_every=50, eval_n=200, eval_modes=("sample",), save_every=25)
+# lr 1e-5: LoRA wants ~10x the paper's full-fine-tuning 1e-6 (§4.2; Schulman et al. 2025, "LoRA Without Regret", whose
+# TRL reproduction runs GRPO+LoRA at 1e-5, alpha 32, all-linear; README: Training). --lr 1e-6 is the paper's.
 PRESETS = {
-    # §4.1: RLOO, strictly on-policy (ratio ≡ 1); 51 × 5 = 255 ≈ 256 samples per step; lr not reported (async's)
+    # §4.1: RLOO, strictly on-policy (ratio ≡ 1); 51 × 5 = 255 ≈ 256 samples per step
     "paper-onpolicy": dict(PAPER_7B, adv="rloo", group_size=5, prompts_per_step=51, beta=0.05, async_level=0,
-                           lr=1e-6, steps=250),
+                           lr=1e-5, steps=250),
     # §4.2: Dr. GRPO, 32 × 16 = 512 samples, behaviour policy 10 steps old, token ratio clamped to [0, 8]
     "paper-async": dict(PAPER_7B, adv="dr_grpo", group_size=16, prompts_per_step=32, beta=0.005, async_level=10,
-                        ratio_clip=(0.0, 8.0), lr=1e-6, weight_decay=0.01, steps=420),
+                        ratio_clip=(0.0, 8.0), lr=1e-5, weight_decay=0.01, steps=420),
     # a real pretrained model on a 2-core CPU in ~20 min (real_model.py; README "A real model on a CPU"): SmolLM2-
     # 135M-Instruct on arith_q, out of domain mul_q. T = 0.7: at T = 1 its samples are almost never right.
     "smollm2-cpu": dict(model="smollm2-135m", task="arith_q", eval_tasks=("arith_q", "mul_q"), group_size=8,
@@ -159,7 +163,7 @@ PRESETS = {
 SEED_MAX = (2**63 - 2**40) // 100003                         # |seed·100003 + 10⁹ + step| < 2⁶³ for torch
 PATHS = ("model", "data_path", "out", "resume")              # stored relative to the repository root (portable)
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
-             "export")                                       # speed and logging only: cannot change the run
+             "memory_budget_gb", "export")                   # speed and logging only: cannot change the run
 EXAMPLES = """examples:
   python train.py                                             # the offline default: tiny model, arith, k1-in-reward
   python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
@@ -267,7 +271,7 @@ def check_config(cfg):
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
                  max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
-                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1),
+                 save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1), memory_budget_gb=(0, 1),
                  threads=(0, 1))                             # name -> (bound, 1: >=, 0: >)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
@@ -573,12 +577,11 @@ def main(argv=None):
     except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(one_line(e))
     from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
-                        peak_memory_gb, rollout, rollout_copy, swapped_adapter, sync_rollout_copy, token_logprobs)
+                        nograd_passes, peak_memory_gb, release_freed_memory, reset_peak_memory, rollout, rollout_copy,
+                        swapped_adapter, sync_rollout_copy, token_logprobs)
     G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
     rows = [slice(i, i + mb) for i in range(0, N, mb)]
-    nb = max(cfg.rollout_batch_size, mb)                     # no-grad passes keep no activations: bigger chunks
-    nograd_rows = [slice(i, i + nb) for i in range(0, N, nb)]
     # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
     # unless dropout would perturb it
     nograd_policy_pass = cfg.lora_dropout > 0
@@ -606,11 +609,14 @@ def main(argv=None):
         if cfg.async_level:
             snapshots.append(adapter_snapshot(model))
         behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
+        reset_peak_memory()                                  # peak_mem_gb: this step's peak
         with behaviour, finite_sampling(step, out):
             ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
                          cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
                          compile=cfg.compile_decode)
             t1 = clock()
+            # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory)
+            nograd_rows = nograd_passes(model, N, G, ro["input_ids"].shape[1], cfg.memory_budget_gb)
             behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, 0, shared)[0] if cfg.async_level \
                 else None
         ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
@@ -644,6 +650,7 @@ def main(argv=None):
             loss.backward()
             logps.append(logp.detach())
             hs.append(h)
+        release_freed_memory()                               # the pass's freed activations leave RSS (CPU, glibc)
         t3 = clock()
         # exact KLs from the states those passes computed (the policy's from the no-grad pass when dropout is on)
         exact = kl_stats_from_hidden(model, sg_h if nograd_policy_pass else torch.cat(hs), ref_h, cfg.temperature) \

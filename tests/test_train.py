@@ -122,8 +122,9 @@ def test_async_level_zero_is_exactly_on_policy(model_dir, tmp_path, level):
 # ---------------------------------------------------------------------------------------------------------
 def test_presets_and_explicit_flags_override():
     cfg = train.parse_config(["--preset", "paper-async", "--beta", "0.1"])
-    assert (cfg.adv, cfg.group_size, cfg.async_level, cfg.ratio_clip, cfg.lr) == ("dr_grpo", 16, 10, (0.0, 8.0), 1e-6)
+    assert (cfg.adv, cfg.group_size, cfg.async_level, cfg.ratio_clip, cfg.lr) == ("dr_grpo", 16, 10, (0.0, 8.0), 1e-5)
     assert cfg.beta == 0.1
+    assert train.parse_config(["--preset", "paper-async", "--lr", "1e-6"]).lr == 1e-6   # the paper's lr: one flag
     cfg = train.parse_config(["--preset", "paper-onpolicy", "--no-load-in-4bit"])
     assert (cfg.adv, cfg.group_size, cfg.beta, cfg.async_level, cfg.load_in_4bit) == ("rloo", 5, 0.05, 0, False)
     assert 250 <= cfg.group_size * cfg.prompts_per_step <= 256

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import guards
 import run_folder
 import train
 
@@ -309,7 +310,7 @@ def test_finite_weights_that_overflow_the_forward_pass_stop_with_one_line(model_
     (["--kl", "none", "--constant-reward"], "got the same reward"),
 ])
 def test_zero_gradient_warns_once_then_stops_after_k_steps(model_dir, tmp_path, capsys, monkeypatch, flags, cause):
-    monkeypatch.setattr(train, "ZERO_GRAD_STEPS", 3)
+    monkeypatch.setattr(guards, "ZERO_GRAD_STEPS", 3)
     if "--constant-reward" in flags:
         flags = flags[:-1]
         monkeypatch.setattr(train, "reward", lambda name, text, ex: 1.0)
@@ -326,7 +327,7 @@ def test_zero_gradient_warns_once_then_stops_after_k_steps(model_dir, tmp_path, 
 def test_a_zero_gradient_streak_after_learning_is_a_result_not_a_stop(model_dir, tmp_path, capsys, monkeypatch):
     """An arm without KL whose completions all fail (a collapse) has advantages 0 from then on: the run warns once
     and goes on, since it did learn before; only a run that never had a gradient is a silent no-op."""
-    monkeypatch.setattr(train, "ZERO_GRAD_STEPS", 3)
+    monkeypatch.setattr(guards, "ZERO_GRAD_STEPS", 3)
     calls = itertools.count()                   # 4 greedy eval rewards, then step 0's 6 (2 prompts × G 3), then 0s
     monkeypatch.setattr(train, "reward", lambda name, text, ex: float(4 <= (n := next(calls)) < 10 and n % 2))
     capsys.readouterr()

@@ -31,7 +31,8 @@ Outputs in --out: config.json (+ provenance: code_commit, code_dirty, model_id),
 per step, "eval" records), metrics.png, checkpoint/ (peft adapter + state.pt: optimizer, RNG states, step, async
 snapshots).
 
-Memory levers for a 7B on one 24 GB GPU, and every flag grouped: README.md (Training).
+What a run refuses before it writes and when it stops (one line each): guards.py. Memory levers for a 7B on one
+24 GB GPU, and every flag grouped: README.md (Training).
 """
 import argparse
 import json

@@ -130,6 +130,12 @@ def test_resume_refuses_another_base_model(finished, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # 2. One writer per run folder
 # ---------------------------------------------------------------------------------------------------------
+def default_sigint():
+    """In the child before exec: SIGINT back to its default. A harness started in the background (`cmd &`, nohup)
+    ignores SIGINT and its children inherit that, and train.py rightly leaves an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_two_processes_on_one_folder_one_wins_and_ctrl_c_names_its_checkpoint(model_dir, tmp_path):
     """The issue's reproduction: two train.py started at once on one --out (a double-submitted job). The one that
     gets the lock trains; the other exits 2 with one line. Then Ctrl-C (SIGINT) ends the winner with one line naming
@@ -141,7 +147,8 @@ def test_two_processes_on_one_folder_one_wins_and_ctrl_c_names_its_checkpoint(mo
     procs = {seed: subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out",
                                      str(out), *SMALL, "--steps", "100000", "--save-every", "1", "--seed", str(seed),
                                      "--kl", "k1-in-loss", "--beta", "0.1"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                    preexec_fn=default_sigint)
              for seed in (1, 2)}
     try:
         deadline = time.time() + 240

@@ -30,7 +30,6 @@ as is. `--small` checks the extrapolation against a direct measurement of a smal
 """
 import argparse
 import contextlib
-import ctypes
 import gc
 import hashlib
 import io
@@ -85,6 +84,7 @@ def mem(device, what):
     """Bytes: "now" (reserved / RSS), "peak" since the last "reset" (which also empties the CUDA cache and hands
     glibc's free heap pages back, so that a phase's peak holds its own tensors and the live ones before it)."""
     import torch
+    from policy import release_freed_memory
     if device.type == "cuda":
         torch.cuda.synchronize()
         if what == "reset":
@@ -93,7 +93,7 @@ def mem(device, what):
         return torch.cuda.memory_reserved() if what == "now" else torch.cuda.max_memory_reserved()
     if what == "reset":
         gc.collect()
-        ctypes.CDLL(None).malloc_trim(0)                     # glibc: free heap pages (small blocks) back to the OS
+        release_freed_memory()                               # glibc: free heap pages (small blocks) back to the OS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                                    # peak RSS := current RSS
     status = open("/proc/self/status").read()

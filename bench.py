@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+import run_folder
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "assets", "tiny-arith")
 # lever arms: flags added to our matched run; "cuda" ones need a GPU (--rollout-bf16-copy refuses elsewhere)
@@ -279,7 +281,8 @@ def run_arm(spec):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM":
            "false"}
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True,
-                       text=True, env=env, cwd=HERE)
+                       text=True, env=env, cwd=HERE,
+                       preexec_fn=run_folder.die_with_parent)
     lines = [line for line in p.stdout.splitlines() if line.startswith("BENCH ")]
     if p.returncode or not lines:
         raise SystemExit(f"bench.py: arm {spec['arm']} failed:\n" + "\n".join((p.stdout + p.stderr).splitlines()[-15:]))

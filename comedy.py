@@ -27,17 +27,15 @@ with eval.json), runs.jsonl (one line per run: its config and final metrics), su
 curves.png; every path in them relative to the repository.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from run_folder import moving_average, read_metrics
+from run_folder import die_with_parent, moving_average, read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
@@ -61,14 +59,6 @@ MARGIN = 0.02      # accuracy differences smaller than this count as "the same" 
 # ---------------------------------------------------------------------------------------------------------
 # Running: one train.py + eval.py per (arm, β, seed), in parallel processes, skipping finished runs
 # ---------------------------------------------------------------------------------------------------------
-def die_with_parent():
-    """Child processes get SIGTERM when comedy.py dies, even by SIGKILL (Linux parent-death signal)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-
-
 def grid(args):
     runs = [("none", 0.0, s) for s in args.seeds] if "none" in args.arms else []
     return runs + [(a, b, s) for a in args.arms if a != "none" for b in args.betas for s in args.seeds]

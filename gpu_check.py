@@ -41,6 +41,7 @@ import sys
 import time
 
 import bench
+import run_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_MODELS = ("qwen2.5-7b", "llama-3.1-8b", "qwen3-4b")
@@ -224,7 +225,8 @@ def run_worker(*specs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(specs[0]["threads"]),
            "MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(specs)], capture_output=True,
-                       text=True, env=env, cwd=HERE)
+                       text=True, env=env, cwd=HERE,
+                       preexec_fn=run_folder.die_with_parent)
     lines = [line for line in p.stdout.splitlines() if line.startswith("MEMORY ")]
     if p.returncode or not lines:
         raise SystemExit(f"gpu_check.py: measuring {specs[0]['folder']} failed:\n" + (p.stdout + p.stderr)[-3000:])

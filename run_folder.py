@@ -15,6 +15,7 @@ may have been handed, never code to execute (read_adapter_config bounds an adapt
 them). Kept apart from train.py so the training loop reads as the recipe.
 """
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import struct
 import subprocess
 
@@ -125,6 +127,15 @@ def local(path, root=None):
 # ---------------------------------------------------------------------------------------------------------
 # One writer per run folder, and what a folder is
 # ---------------------------------------------------------------------------------------------------------
+def die_with_parent():
+    """preexec_fn of every worker process (comedy's runs, bench's and gpu_check's workers): the child gets SIGTERM
+    when its parent dies, even by SIGKILL (Linux parent-death signal), so no worker outlives the command."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
 def write_atomic(path, text):
     """Write text to path so that a reader finds the old file or the new one, never a part of either: a temporary
     file in the same folder, flushed to disk, then renamed over path (os.replace is atomic)."""

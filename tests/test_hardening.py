@@ -174,6 +174,55 @@ def test_math_grader_dies_with_its_parent(sig):
             os.kill(grader, signal.SIGKILL)
 
 
+WORKER_PARENT = r"""
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import run_folder
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=run_folder.die_with_parent)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_processes_die_with_their_parent():
+    """comedy.py's runs and bench.py's / gpu_check.py's measuring workers are started with run_folder.die_with_parent:
+    killing the command (even with SIGKILL) ends them; before, a killed gpu_check.py left its 7B-wide worker running."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", WORKER_PARENT, root], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        assert not gone(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.time() + 5
+        while not gone(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert gone(child), f"worker {child} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if child and not gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_bench_and_gpu_check_workers_are_tied_to_their_parent(monkeypatch):
+    import bench
+    import gpu_check
+    import run_folder
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(kwargs.get("preexec_fn"))
+        tag = "BENCH " if "bench.py" in cmd[1] else "MEMORY "
+        return subprocess.CompletedProcess(cmd, 0, stdout=tag + "{}\n", stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    bench.run_arm({"threads": 1, "arm": "x"})
+    gpu_check.run_worker({"threads": 1, "folder": "x"})
+    assert seen == [run_folder.die_with_parent] * 2
+
+
 # ------------------------------------------------------------------------------------------------ data files (issue 17)
 ROW = {"problem": "What is 1+1?", "answer": "2"}
 

@@ -105,12 +105,14 @@ def test_notebook_layout_and_committed_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_in_fast_mode(path, monkeypatch, tmp_path):
+def test_notebook_runs_in_fast_mode(path, monkeypatch, tmp_path, request):
+    nb = nbformat.read(path, as_version=4)
+    if any("real_model" in c.source for c in nb.cells if c.cell_type == "code"):
+        request.getfixturevalue("smollm2")            # the real model, converted once; $KL_RL_CACHE tells the kernel
     monkeypatch.setenv("NOTEBOOK_FAST", "1")          # the kernel inherits the environment
     monkeypatch.setenv("TMPDIR", str(tmp_path))       # the notebooks' run folders land in tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = nbformat.read(path, as_version=4)
     nb.cells = [nbformat.v4.new_code_cell(FIGURE_CHECK)] + nb.cells + [nbformat.v4.new_code_cell(FIGURE_REPORT)]
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": NOTEBOOK_DIR}})

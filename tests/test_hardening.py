@@ -151,27 +151,35 @@ def gone(pid):
         return True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_math_grader_dies_with_its_parent(sig):
+def child_after_parent_dies(script, sig, settle=0.0):
+    """Run script (it prints its child's pid), kill it with sig -> (the child's pid, whether the child is gone within
+    5 s). A child that outlived its parent is killed here, so a failing test leaves no orphan behind."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parent = subprocess.Popen([sys.executable, "-c", CHILD, root], stdout=subprocess.PIPE, text=True)
-    grader = None
+    parent = subprocess.Popen([sys.executable, "-c", script, root], stdout=subprocess.PIPE, text=True)
+    child = None
     try:
-        grader = int(parent.stdout.readline())
-        time.sleep(1.0)                  # the request is in: the grader is busy, not waiting on its stdin
-        assert not gone(grader)
+        child = int(parent.stdout.readline())
+        time.sleep(settle)
+        assert not gone(child)
         parent.send_signal(sig)
         parent.wait(10)
         deadline = time.time() + 5
-        while not gone(grader) and time.time() < deadline:
+        while not gone(child) and time.time() < deadline:
             time.sleep(0.1)
-        assert gone(grader), f"grader {grader} outlived its parent"
+        return child, gone(child)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
-        if grader and not gone(grader):  # the bug: clean up the orphan we caused
-            os.kill(grader, signal.SIGKILL)
+        if child and not gone(child):  # the bug: clean up the orphan we caused
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_math_grader_dies_with_its_parent(sig):
+    # settle: the request is in, so the grader is busy, not waiting on its stdin
+    grader, ended = child_after_parent_dies(CHILD, sig, settle=1.0)
+    assert ended, f"grader {grader} outlived its parent"
 
 
 WORKER_PARENT = r"""
@@ -187,24 +195,8 @@ time.sleep(600)
 def test_worker_processes_die_with_their_parent():
     """comedy.py's runs and bench.py's / gpu_check.py's measuring workers are started with run_folder.die_with_parent:
     killing the command (even with SIGKILL) ends them; before, a killed gpu_check.py left its 7B-wide worker running."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parent = subprocess.Popen([sys.executable, "-c", WORKER_PARENT, root], stdout=subprocess.PIPE, text=True)
-    child = None
-    try:
-        child = int(parent.stdout.readline())
-        assert not gone(child)
-        parent.kill()
-        parent.wait(10)
-        deadline = time.time() + 5
-        while not gone(child) and time.time() < deadline:
-            time.sleep(0.1)
-        assert gone(child), f"worker {child} outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait(10)
-        if child and not gone(child):
-            os.kill(child, signal.SIGKILL)
+    worker, ended = child_after_parent_dies(WORKER_PARENT, signal.SIGKILL)
+    assert ended, f"worker {worker} outlived its parent"
 
 
 def test_bench_and_gpu_check_workers_are_tied_to_their_parent(monkeypatch):

@@ -35,7 +35,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from run_folder import die_with_parent, moving_average, read_metrics
+from run_folder import die_with_parent, moving_average, read_metrics, write_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
@@ -332,12 +332,6 @@ def rel(path):
     committed run folders, logs and results name no machine."""
     r = os.path.relpath(os.path.abspath(path), HERE)
     return os.path.abspath(path) if r.startswith("..") else r
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)                      # a reader never sees half a summary
 
 
 def main(argv=None):

@@ -135,6 +135,30 @@ def kv_bytes_per_token(cfg, bytes_per_value=2):
     return 2 * c.num_key_value_heads * head_dim * c.num_hidden_layers * bytes_per_value
 
 
+def tensor_bytes(model, opt):
+    """Bytes of every tensor a step keeps between steps: parameters (NF4-packed weights included), buffers, bnb's
+    quantisation states (absmax, code, the nested state of double quantisation), gradients still held and AdamW's
+    states; storage shared by two names counted once. Exact on any device, unlike a reading of the allocator."""
+    import torch
+    storages = {}
+
+    def add(t):
+        if torch.is_tensor(t) and t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        add(t.grad)
+        state = getattr(t, "quant_state", None)
+        while state is not None:                             # QuantState, then its state2 (double quantisation)
+            for v in vars(state).values():
+                add(v)
+            state = getattr(state, "state2", None)
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    return sum(storages.values())
+
+
 def measure(spec):
     """spec["folder"] (one config at one depth) in this process -> {"static": bytes, "probes": [{...probe, "parts":
     {part: bytes}}]}. Bytes are above the process's memory before the model was loaded."""
@@ -145,7 +169,8 @@ def measure(spec):
     torch.set_num_threads(spec["threads"])
     policy.VOCAB_CHUNK_BYTES = spec.get("chunk_bytes", policy.VOCAB_CHUNK_BYTES)
     device = torch.device(spec["device"])
-    base = mem(device, "now")
+    mem(device, "reset")                                     # the last model's freed pages back first: a base that
+    base = mem(device, "now")                                # holds them is too high by what the next load reuses
     model, tok = policy.load_policy(spec["folder"], load_in_4bit=spec["four_bit"], gradient_checkpointing=True,
                                     dtype=spec["dtype"], device=str(device))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +209,7 @@ def measure(spec):
     gc.collect()
     gc.freeze()                                              # each reset's collect skips the model's ~10^5 objects
     mem(device, "reset")
-    result = {"static": mem(device, "now") - base, "probes": []}
+    result = {"static": mem(device, "now") - base, "tensor_bytes": tensor_bytes(model, opt), "probes": []}
     generate = GenerationMixin.generate                      # a meter at every decode step
     GenerationMixin.generate = lambda self, *a, **k: generate(self, *a, logits_processor=LogitsProcessorList([Steps()]),
                                                              **k)
@@ -300,6 +325,26 @@ def measured(config, layers, probes, args):
     return result
 
 
+def add_tensor_bytes(run, config, layers, args):
+    """A cached run from before `tensor_bytes` was recorded gets it from a load without probes (~1 min at 7B width)."""
+    if "tensor_bytes" not in run:
+        run["tensor_bytes"] = measured(config, layers, [], args)["tensor_bytes"]
+    return run
+
+
+def at_least_tensor_bytes(run):
+    """A run whose static reads below its tensors' bytes, shifted up by the difference in static and every part.
+    Memory in use cannot be less than the live tensors, so a lower reading has a base that held freed pages the load
+    then reused (runs measured before measure() released them first: 4-bit static grew 0.01 GiB a layer for 0.05-0.11
+    GiB of NF4 weights); every phase was read against that base and is low by the same amount (measured on a small
+    4-bit config: each part moved by the static's 8.1 / 16.2 MiB at 1 / 2 layers, within 0.5 MiB)."""
+    low = run["tensor_bytes"] - run["static"]
+    if low <= 0:
+        return run
+    return {**run, "static": run["static"] + low,
+            "probes": [{**p, "parts": {k: v + low for k, v in p["parts"].items()}} for p in run["probes"]]}
+
+
 def memory_table(args):
     """Every config × shape: static and each phase's peak at true depth (bytes), and the no-grad rows of the budget.
     CUDA: every phase at its true rows and lengths at 1 and 2 layers (a 28-layer random model per config would cost
@@ -313,7 +358,9 @@ def memory_table(args):
         depth = cfg.get_text_config().num_hidden_layers
         deep = lambda at: at(1) + (depth - 1) * (at(2) - at(1))                    # noqa: E731
         cuda = args.device == "cuda"
-        runs = {layers: measured(config, layers, [] if cuda else cpu_probes(layers), args) for layers in (1, 2)}
+        runs = {layers: at_least_tensor_bytes(add_tensor_bytes(
+            measured(config, layers, [] if cuda else cpu_probes(layers), args), config, layers, args))
+            for layers in (1, 2)}
         static = deep(lambda layers: runs[layers]["static"])
         rows = {}                                            # the no-grad rows train.py picks at full depth
         for shape_name, shape in shapes().items():
@@ -322,7 +369,7 @@ def memory_table(args):
                                                         args.budget_gb * GiB - static)
         if cuda:
             probes = [p for shape_name, shape in shapes().items() for p in true_probes(shape, rows[shape_name])]
-            runs = {layers: measured(config, layers, probes, args) for layers in (1, 2)}
+            runs = {layers: at_least_tensor_bytes(measured(config, layers, probes, args)) for layers in (1, 2)}
         for i, (shape_name, shape) in enumerate(shapes().items()):
             row = dict(model=os.path.basename(config)[:-5], shape=shape_name, static=static,
                        nograd_rows=rows[shape_name])

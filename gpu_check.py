@@ -312,24 +312,22 @@ def extrapolate(runs, cfg, depth, phase, rows, new, value_bytes=2, probe=PROBE, 
 
 
 def measured(config, layers, probes, args):
-    """run_worker for one config and depth; the result is cached (re-measuring a 7B-wide layer takes minutes)."""
+    """run_worker for one config and depth, cached (re-measuring a 7B-wide layer takes minutes), and lifted to at
+    least its tensors' bytes (at_least_tensor_bytes): every caller gets a run it can trust."""
     key = json.dumps([os.path.basename(config), layers, probes, args.device, args.threads], sort_keys=True)
     path = os.path.join(args.cache, "memory-" + hashlib.sha1(key.encode()).hexdigest()[:12] + ".json")
-    if os.path.isfile(path) and json.load(open(path))["key"] == key:
-        return json.load(open(path))["result"]
-    print(f"gpu_check.py: measuring {os.path.basename(config)} at {layers} layer(s)", file=sys.stderr, flush=True)
-    spec = dict(folder=random_model(config, layers, args.cache), four_bit=True, dtype="bf16", device=args.device,
-                threads=args.threads, probes=probes)
-    result = run_worker(spec)[0]
-    json.dump({"key": key, "result": result}, open(path, "w"))
-    return result
-
-
-def add_tensor_bytes(run, config, layers, args):
-    """A cached run from before `tensor_bytes` was recorded gets it from a load without probes (~1 min at 7B width)."""
-    if "tensor_bytes" not in run:
-        run["tensor_bytes"] = measured(config, layers, [], args)["tensor_bytes"]
-    return run
+    cached = json.load(open(path)) if os.path.isfile(path) else {}
+    if cached.get("key") == key:
+        result = cached["result"]
+    else:
+        print(f"gpu_check.py: measuring {os.path.basename(config)} at {layers} layer(s)", file=sys.stderr, flush=True)
+        spec = dict(folder=random_model(config, layers, args.cache), four_bit=True, dtype="bf16", device=args.device,
+                    threads=args.threads, probes=probes)
+        result = run_worker(spec)[0]
+        json.dump({"key": key, "result": result}, open(path, "w"))
+    if "tensor_bytes" not in result:                         # cached before it was recorded: a load without probes
+        result["tensor_bytes"] = measured(config, layers, [], args)["tensor_bytes"]      # (~1 min at 7B width)
+    return at_least_tensor_bytes(result)
 
 
 def at_least_tensor_bytes(run):
@@ -358,9 +356,7 @@ def memory_table(args):
         depth = cfg.get_text_config().num_hidden_layers
         deep = lambda at: at(1) + (depth - 1) * (at(2) - at(1))                    # noqa: E731
         cuda = args.device == "cuda"
-        runs = {layers: at_least_tensor_bytes(add_tensor_bytes(
-            measured(config, layers, [] if cuda else cpu_probes(layers), args), config, layers, args))
-            for layers in (1, 2)}
+        runs = {layers: measured(config, layers, [] if cuda else cpu_probes(layers), args) for layers in (1, 2)}
         static = deep(lambda layers: runs[layers]["static"])
         rows = {}                                            # the no-grad rows train.py picks at full depth
         for shape_name, shape in shapes().items():
@@ -369,7 +365,7 @@ def memory_table(args):
                                                         args.budget_gb * GiB - static)
         if cuda:
             probes = [p for shape_name, shape in shapes().items() for p in true_probes(shape, rows[shape_name])]
-            runs = {layers: at_least_tensor_bytes(measured(config, layers, probes, args)) for layers in (1, 2)}
+            runs = {layers: measured(config, layers, probes, args) for layers in (1, 2)}
         for i, (shape_name, shape) in enumerate(shapes().items()):
             row = dict(model=os.path.basename(config)[:-5], shape=shape_name, static=static,
                        nograd_rows=rows[shape_name])

@@ -1,8 +1,10 @@
 """comedy.py: the smoke study writes its files with the right columns and resumes without redoing finished runs;
-the claim verdicts follow their stated rule on synthetic seed results."""
+the claim verdicts follow their stated rule on synthetic seed results; the README's study numbers are the committed
+studies' (results/comedy, results/comedy-smollm2)."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -108,3 +110,53 @@ def test_beta_claims_are_oriented_as_written():
 def test_mean_ci_is_the_t_interval():
     m, h = comedy.mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and h == pytest.approx(4.30 * 1.0 / 3 ** 0.5, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README's study numbers are the committed studies' numbers (prose cannot drift from results)
+# ---------------------------------------------------------------------------------------------------------
+def readme_span(start, end):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    i = text.index(start)
+    return text[i:text.index(end, i)].replace("−", "-")
+
+
+def test_readme_toy_study_numbers_are_its_summary():
+    """Every 'mean ± CI' in the README's toy-study section, and every claim's verdict there, is in
+    results/comedy/summary.md: a re-run study that changes a number or a verdict fails here until the README says it."""
+    summary = open(os.path.join(ROOT, "results", "comedy", "summary.md"), encoding="utf-8").read()
+    section = readme_span("### The paper's study at toy scale", "On one GPU, the paper's")
+    pairs = re.findall(r"[+-]?\d\.\d{3} ± \d\.\d{3}", section)
+    assert len(pairs) >= 8, pairs
+    for pair in pairs:
+        assert pair in summary, f"README toy section: {pair} is not in results/comedy/summary.md"
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "**" in line]
+    claims = {line.split(" | ")[0]: line.split(" | ")[1] for line in summary.splitlines()
+              if line.startswith("| ") and "**" in line}
+    assert len(rows) == len(claims) >= 6
+    for row in rows:
+        assert claims[row.split(" | ")[0]] == row.split(" | ")[1], row
+    runs = [json.loads(line) for line in open(os.path.join(ROOT, "results", "comedy", "runs.jsonl"))]
+    n_seeds = len({r["seed"] for r in runs})
+    assert f"{len(runs)} runs" in section and f"{n_seeds} seeds" in summary.splitlines()[2] and n_seeds >= 6
+    assert len({r["code_commit"] for r in runs}) == 1, "the committed toy study mixes code versions"
+
+
+def test_readme_real_study_table_is_its_runs():
+    """The README's real-model study table: per-seed greedy accuracies and the seed-mean KL and entropy are
+    results/comedy-smollm2/runs.jsonl's, and every 'mean ± CI' in its paragraph is in one of the two summaries."""
+    runs = [json.loads(line) for line in open(os.path.join(ROOT, "results", "comedy-smollm2", "runs.jsonl"))]
+    section = readme_span("**The arms on it**", "### The paper's study at toy scale")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in section.splitlines()
+            if line.startswith("| ") and " / " in line}
+    assert set(rows) == {r["arm"] for r in runs}
+    for arm, cells in rows.items():
+        mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        assert cells[0] == " / ".join(f"{r['in_greedy']:.3f}" for r in mine), arm
+        assert cells[1] == " / ".join(f"{r['ood_greedy']:.3f}" for r in mine), arm
+        assert cells[2] == f"{sum(r['token_rkl'] for r in mine) / len(mine):.2f}", arm
+        assert cells[3].rstrip(" |") == f"{sum(r['entropy'] for r in mine) / len(mine):.2f}", arm
+    summaries = "".join(open(os.path.join(ROOT, "results", d, "summary.md"), encoding="utf-8").read()
+                        for d in ("comedy", "comedy-smollm2"))
+    for pair in re.findall(r"[+-]?\d\.\d{3} ± \d\.\d{3}", section):
+        assert pair in summaries, f"README real-study paragraph: {pair} is in neither summary.md"

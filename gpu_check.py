@@ -324,7 +324,7 @@ def measured(config, layers, probes, args):
         spec = dict(folder=random_model(config, layers, args.cache), four_bit=True, dtype="bf16", device=args.device,
                     threads=args.threads, probes=probes)
         result = run_worker(spec)[0]
-        json.dump({"key": key, "result": result}, open(path, "w"))
+        run_folder.write_atomic(path, json.dumps({"key": key, "result": result}))   # a killed run leaves no half file
     if "tensor_bytes" not in result:                         # cached before it was recorded: a load without probes
         result["tensor_bytes"] = measured(config, layers, [], args)["tensor_bytes"]      # (~1 min at 7B width)
     return at_least_tensor_bytes(result)
@@ -399,7 +399,7 @@ def small_check(args):
     from transformers import AutoConfig
     os.makedirs(args.cache, exist_ok=True)
     config = os.path.join(args.cache, "small.json")
-    json.dump(SMALL, open(config, "w"))
+    run_folder.write_atomic(config, json.dumps(SMALL))
     cfg, depth = AutoConfig.for_model(**SMALL), SMALL["num_hidden_layers"]
     spec = dict(four_bit=False, dtype="fp32", device=args.device, threads=args.threads, chunk_bytes=SMALL_CHUNK_BYTES)
     sh = SMALL_SHAPE
@@ -498,7 +498,7 @@ def main(argv=None):
     report = (f"# gpu_check.py ({time.time() - start:.0f} s)\n\n## Memory of a train.py step (budget "
               f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Step time, {title}: `python bench.py {' '.join(argv)}`\n\n"
               f"{steps.getvalue().strip() if failed is None else 'bench.py failed: ' + failed}\n")
-    open(args.out, "w").write(report)
+    run_folder.write_atomic(args.out, report)
     print(f"gpu_check.py: wrote {args.out}", file=sys.stderr)
     return 0 if failed is None else 1
 

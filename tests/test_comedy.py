@@ -115,6 +115,9 @@ def test_mean_ci_is_the_t_interval():
 # ---------------------------------------------------------------------------------------------------------
 # The README's study numbers are the committed studies' numbers (prose cannot drift from results)
 # ---------------------------------------------------------------------------------------------------------
+MEAN_CI = re.compile(r"[+-]?\d\.\d{3} ± \d\.\d{3}")      # "0.815 ± 0.018", "-0.215 ± 0.126" as in summary.md
+
+
 def readme_span(start, end):
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     i = text.index(start)
@@ -126,7 +129,7 @@ def test_readme_toy_study_numbers_are_its_summary():
     results/comedy/summary.md: a re-run study that changes a number or a verdict fails here until the README says it."""
     summary = open(os.path.join(ROOT, "results", "comedy", "summary.md"), encoding="utf-8").read()
     section = readme_span("### The paper's study at toy scale", "On one GPU, the paper's")
-    pairs = re.findall(r"[+-]?\d\.\d{3} ± \d\.\d{3}", section)
+    pairs = MEAN_CI.findall(section)
     assert len(pairs) >= 8, pairs
     for pair in pairs:
         assert pair in summary, f"README toy section: {pair} is not in results/comedy/summary.md"
@@ -158,5 +161,5 @@ def test_readme_real_study_table_is_its_runs():
         assert cells[3].rstrip(" |") == f"{sum(r['entropy'] for r in mine) / len(mine):.2f}", arm
     summaries = "".join(open(os.path.join(ROOT, "results", d, "summary.md"), encoding="utf-8").read()
                         for d in ("comedy", "comedy-smollm2"))
-    for pair in re.findall(r"[+-]?\d\.\d{3} ± \d\.\d{3}", section):
+    for pair in MEAN_CI.findall(section):
         assert pair in summaries, f"README real-study paragraph: {pair} is in neither summary.md"

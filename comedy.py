@@ -8,7 +8,7 @@ Two setups (--setup):
   tiny     the shipped 0.5M-parameter model on `arith`; OOD `arith_spaced` (the same held-out problems written
            "a + b ="); 6 arms × β {0.05, 0.3, 1} × 6 seeds, 150 steps, T = 1.
   smollm2  the real SmolLM2-135M-Instruct (real_model.py) with --preset smollm2-cpu on `arith_q`; OOD `mul_q` (the
-           times table: a skill RL on addition never trains); 5 arms × β 0.05 × 2 seeds, T = 0.7.
+           times table: a skill RL on addition never trains); 6 arms × β 0.05 × 6 seeds, T = 0.7.
 
 Simplifications: the paper's 7B models, MATH and 250 steps become small models, arithmetic and short runs; CIs are
 over training seeds (t-interval on the seed means), the only randomness the paper's claims are about. "Collapse"
@@ -18,7 +18,7 @@ average, from its running maximum). A study is one code version: every run recor
 
 Commands
   python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1.0} × 6 seeds, 2 jobs (see README)
-  python comedy.py --setup smollm2      # the real-model study (see README; ~4 h on 2 cores)
+  python comedy.py --setup smollm2      # the real-model study (see README; ~15 h on 2 cores)
   python comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
 Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its
 last checkpoint), so an interrupted study continues where it stopped.
@@ -44,11 +44,12 @@ SETUPS = {
     "tiny": dict(out="comedy", in_task="arith", ood_task="arith_spaced", arms=ARMS, betas=(0.05, 0.3, 1.0),
                  seeds=(0, 1, 2, 3, 4, 5), steps=150, eval_n=500, train=["--save-every", "25"],
                  eval=["--max-new-tokens", "8", "--batch-size", "125"], samples=4, temperature=1.0),
-    # the real model (real_model.py) on its task, one β where the KL term matters (β·KL ≈ 0.1-0.5 of the reward)
-    "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q",
-                    arms=("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss"), betas=(0.05,),
-                    seeds=(0, 1), steps=None, eval_n=200,       # the runs' own held-out evals: greedy on 50 (eval.py does the rest)
-                    train=["--preset", "smollm2-cpu", "--save-every", "5", "--eval-modes", "greedy", "--eval-n", "50"],
+    # the real model (real_model.py) on its task, one β where the KL term matters (β·KL ≈ 0.1-0.5 of the reward);
+    # --eval-n 0: the runs do no held-out evaluation of their own (their step-0 one is the base evaluation, their
+    # last one eval.py's), eval.py evaluates each final adapter on 200 problems per task
+    "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q", arms=ARMS, betas=(0.05,),
+                    seeds=(0, 1, 2, 3, 4, 5), steps=None, eval_n=200,
+                    train=["--preset", "smollm2-cpu", "--save-every", "5", "--eval-n", "0"],
                     eval=["--model", "smollm2-135m", "--max-new-tokens", "32", "--batch-size", "50"], samples=2,
                     temperature=0.7),
 }
@@ -136,8 +137,10 @@ def run_record(folder, arm, beta, seed):
         peak = max(peak, r)
         drop = max(drop, peak - r)
     grad = sorted(r["grad_norm"] for r in train)
+    box = cfg.get("machine") or {}                                     # older runs recorded no machine
     rec = {"arm": arm, "beta": beta, "seed": seed, "steps": len(train), "lr": cfg["lr"], "group_size": cfg["group_size"],
            "code_commit": cfg.get("code_commit"), "code_dirty": cfg.get("code_dirty"),
+           "cpu_capability": box.get("cpu_capability"), "torch": box.get("torch"),
            "reward_drop": drop, "grad_spikes": sum(g > 5 * grad[len(grad) // 2] for g in grad), **seconds}
     for key in ("reward", "token_rkl", "token_fkl", "entropy", "kl_k1"):
         rec[key] = sum(r[key] for r in tail) / len(tail)
@@ -375,15 +378,15 @@ def main(argv=None):
     base = base_accuracy(args)
     print(f"comedy.py: {len(todo)} runs in {args.out}/runs ({len(done)} finished, {args.jobs} at a time)",
           file=sys.stderr)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(run_one, args, *key) for key in todo}
+    with ThreadPoolExecutor(args.jobs) as pool:   # seed by seed: an interrupted study has whole seeds of every arm
+        futures = {key: pool.submit(run_one, args, *key) for key in sorted(todo, key=lambda k: k[2])}
         folders = {}
         for i, (key, fut) in enumerate(futures.items()):
             folders[key] = fut.result()
             print(f"comedy.py: [{i + 1}/{len(todo)}] {key[0]} β={key[1]:g} seed {key[2]} done "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     version = one_version(folders.values(), f"{args.out}/runs")
-    recs = [run_record(f, *key) for key, f in folders.items()]
+    recs = [run_record(folders[key], *key) for key in todo]
     write_atomic(os.path.join(args.out, "runs.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
     cpu = sum(r["train_seconds"] + r["eval_seconds"] for r in recs) / 60
     wall = (f"code {version[0] or 'outside git'}{' with uncommitted changes' if version[1] else ''}; "

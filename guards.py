@@ -64,7 +64,7 @@ def check_config(cfg):
     """Reject bad values before anything heavy runs (ValueError -> one line, exit 2). -> the parsed KLConfig."""
     kl = parse_kl(cfg.kl, cfg.kl_level, cfg.kl_is, is_clip=math.inf if cfg.kl_is_clip is None else cfg.kl_is_clip)
     rules = dict(group_size=(2, 1), prompts_per_step=(1, 1), steps=(0, 1), micro_batch_size=(1, 1),
-                 max_new_tokens=(1, 1), eval_n=(1, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
+                 max_new_tokens=(1, 1), eval_n=(0, 1), async_level=(0, 1), lora_r=(1, 1), lora_alpha=(0, 0),
                  temperature=(0, 0), lr=(0, 0), weight_decay=(0, 1), lora_dropout=(0, 1), eval_every=(0, 1),
                  save_every=(0, 1), rollout_batch_size=(0, 1), diag_every=(0, 1), memory_budget_gb=(0, 1),
                  threads=(0, 1))                             # name -> (bound, 1: >=, 0: >)

@@ -4,7 +4,9 @@ metrics.jsonl, the report; and what a folder is (run, checkpoint, model), so tra
     <run>/.lock            the one-writer lock (lock_run): an flock held by the writing process, which it names
     <run>/config.json      the Config of train.py (written atomically by train.start_run), its paths relative to the
                            repository root when they lie inside it, plus provenance written once, when the run
-                           starts: code_commit / code_dirty (code_version) and model_id (model_identity)
+                           starts: code_commit / code_dirty (code_version), model_id (model_identity) and machine
+                           (torch build, CPU capability, threads: machine()); each resume appends its own to
+                           resumes.jsonl
     <run>/metrics.jsonl    one record per step ("type": "train") and per held-out evaluation ("type": "eval")
     <run>/checkpoint/      the peft adapter + state.pt (optimizer, RNG states, step, async snapshots), written to
                            checkpoint.tmp and renamed into place, so a crash leaves checkpoint or checkpoint.old
@@ -18,10 +20,12 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
 import pickle
+import platform
 import random
 import shutil
 import signal
@@ -49,6 +53,22 @@ def code_version(repo=None):
         return sha.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None, None
+
+
+def machine():
+    """What decides a run's floats beyond the commit: the torch build, the CPU kernels it dispatches to (AVX2 vs
+    AVX-512 round differently: the same command differs from step 0 at ~1e-6 on another CPU kind), the threads.
+    A single run agrees to the digit with another only when these agree too."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", errors="replace") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in itertools.islice(f, 64) if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "torch_git": torch.version.git_version, "cuda": torch.version.cuda,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
 
 
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -394,8 +414,9 @@ def report(out):
         ax.legend(fontsize=8)
     for name, v in evals.items():
         axes.flat[-1].plot(*zip(*v), marker="o", label=name)
-    axes.flat[-1].set(title="held-out accuracy", xlabel="step")
-    axes.flat[-1].legend(fontsize=8)
+    axes.flat[-1].set(title="held-out accuracy" if evals else "held-out accuracy (none: --eval-n 0)", xlabel="step")
+    if evals:
+        axes.flat[-1].legend(fontsize=8)
     fig.suptitle(f"{os.path.basename(os.path.abspath(out))}: --kl {cfg['kl']}, β = {cfg['beta']}, lr = {cfg['lr']}, "
                  f"--adv {cfg['adv']}, G = {cfg['group_size']}")
     fig.tight_layout()

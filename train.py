@@ -54,9 +54,9 @@ from estimators import KL_CONFIGS, KL_IS, LEVELS
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from guards import (RESUMABLE, check_config, check_out, eval_files, finite_sampling, first_nonfinite, fits, same, save,
                     shown, stop_on_signals, zero_gradient)
-from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, max_lora_rank, model_identity,
-                        one_line, portable, read_adapter_config, read_state, release_run, report, restore,
-                        write_atomic)
+from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, machine, max_lora_rank,
+                        model_identity, one_line, portable, read_adapter_config, read_state, release_run, report,
+                        restore, write_atomic)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,7 +124,7 @@ class Config:
     ratio_clip: tuple = arg((0.0, 8.0), "clamp of the token importance ratio (no PPO min)", ASYNC, nargs=2,
                             metavar=("LO", "HI"))
     eval_every: int = arg(50, "held-out eval every N steps, and at the end (0: start and end only)", LOG)
-    eval_n: int = arg(500, "held-out problems per eval task", LOG)
+    eval_n: int = arg(500, "held-out problems per eval task (0: none during the run; eval.py evaluates it after)", LOG)
     eval_modes: tuple = arg(("greedy", "sample"), "greedy and/or sampled (at --temperature) held-out accuracy", LOG,
                             nargs="+", choices=("greedy", "sample"), type=str)
     save_every: int = arg(0, "checkpoint every N steps, and at the end (0: end only)", LOG)
@@ -245,7 +245,7 @@ def load_data(cfg):
             raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
                              f"{', '.join(cfg.eval_tasks or (cfg.task,))}; add it with --eval-tasks)")
     held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
-                for name in (cfg.eval_tasks or (cfg.task,))}
+                for name in (cfg.eval_tasks or (cfg.task,))} if cfg.eval_n else {}
     for name, rows in [(cfg.task, train), *held_out.items()]:
         if not rows:
             raise TaskError(f"task {name!r} has no examples")
@@ -331,7 +331,8 @@ def start_run(cfg, argv):
         raise
     commit, dirty = code_version()
     if not state:
-        provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model)}
+        provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model),
+                      "machine": machine()}
     stored = {**asdict(cfg), "out": out, **provenance}
     stored.update({k: portable(stored[k]) for k in PATHS})
     stored["eval_data"] = eval_files(cfg.eval_data, portable)
@@ -340,7 +341,7 @@ def start_run(cfg, argv):
         with open(os.path.join(out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
                                 "argv": list(sys.argv[1:] if argv is None else argv), "code_commit": commit,
-                                "code_dirty": dirty}) + "\n")
+                                "code_dirty": dirty, "machine": machine()}) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -392,7 +393,7 @@ def main(argv=None):
     zeros = {"zeros": 0, "moved": False, "warned": False}   # steps with gradient norm exactly 0 (zero_gradient)
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
     for step in pbar:
-        if step % (cfg.eval_every or cfg.steps + 1) == 0:
+        if held_out and step % (cfg.eval_every or cfg.steps + 1) == 0:
             with finite_sampling(step, out):
                 for rec in evaluate(model, tok, cfg, held_out, step):
                     write(rec)

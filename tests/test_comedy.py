@@ -65,51 +65,130 @@ def synthetic(arm_means, spread=0.01, seeds=(0, 1, 2), betas=(0.05, 1.0)):
     return recs
 
 
+def verdicts_of(recs, betas):
+    return {(c["claim"].split(":")[0], c["at"]): c for c in comedy.claims(recs, betas)}
+
+
 def test_claim_verdicts_follow_the_ci_rule():
     big_gap = synthetic({"none": 0.8, "k1-in-reward": 0.8, "k1-in-loss": 0.8, "k3-in-reward": 0.2,
                          "k3-in-loss": 0.6, "k3-in-both": 0.8}, spread=0.002)
-    verdicts = {c.split(":")[0]: v for c, v, _ in comedy.claims(big_gap, [0.05, 1.0])}
-    assert verdicts["K3-in-reward collapses"] == "holds"
-    assert verdicts["K3-in-loss is worse than K1-in-reward in domain"] == "holds"
-    assert verdicts["K3-in-both matches K1-in-reward (within ±0.02)"] == "holds"
-    assert verdicts["K3-in-loss keeps a higher entropy than K1-in-reward (forward-KL-like, mass-covering)"] \
-        == "does not hold"                                    # the synthetic k3-in-loss entropy is lower
+    v = verdicts_of(big_gap, [0.05, 1.0])
+    assert v[("K3-in-reward collapses", "β = 0.05")]["verdict"] == v[("K3-in-reward collapses", "β = 1")]["verdict"] \
+        == "holds"                                          # reported at every β the study has
+    assert v[("K3-in-loss is worse than K1-in-reward in domain", "every β")]["verdict"] == "holds"
+    assert v[("K3-in-both matches K1-in-reward", "every β")]["verdict"] == "holds"
+    entropy = ("K3-in-loss keeps a higher entropy than K1-in-reward (forward-KL-like, mass-covering)", "every β")
+    assert v[entropy]["verdict"] == "does not hold: the opposite"     # the synthetic k3-in-loss entropy is lower
     reversed_gap = synthetic({"none": 0.5, "k1-in-reward": 0.5, "k1-in-loss": 0.5, "k3-in-reward": 0.9,
                               "k3-in-loss": 0.9, "k3-in-both": 0.2}, spread=0.002)
-    verdicts = {c.split(":")[0]: v for c, v, _ in comedy.claims(reversed_gap, [0.05, 1.0])}
-    assert verdicts["K3-in-reward collapses"] == "does not hold"
-    assert verdicts["K3-in-both matches K1-in-reward (within ±0.02)"] == "does not hold"
+    v = verdicts_of(reversed_gap, [0.05, 1.0])
+    assert v[("K3-in-reward collapses", "β = 1")]["verdict"] == "does not hold: the opposite"
+    assert v[("K3-in-both matches K1-in-reward", "every β")]["verdict"] == "does not hold"
     noisy = synthetic({"none": 0.5, "k1-in-reward": 0.52, "k1-in-loss": 0.5, "k3-in-reward": 0.5,
                        "k3-in-loss": 0.5, "k3-in-both": 0.5}, spread=0.2)
-    verdicts = {c.split(":")[0]: v for c, v, _ in comedy.claims(noisy, [0.05, 1.0])}
-    assert verdicts["K3-in-loss is worse than K1-in-reward in domain"] == "cannot tell at this scale"
+    v = verdicts_of(noisy, [0.05, 1.0])
+    c = v[("K3-in-loss is worse than K1-in-reward in domain", "every β")]
+    assert c["verdict"] == "cannot tell" and c["settle"] > 3    # and says how many seeds would settle it
 
 
-def test_beta_claims_are_oriented_as_written():
-    """'K1-in-loss becomes unstable as β grows': a larger reward drop at the larger β is +, holds; 'lower β does
-    better': higher accuracy at the smaller β is +, holds. Reversing either data set reverses sign and verdict."""
-    def with_drops(drop_lo, drop_hi, acc_lo, acc_hi):
+def test_verdict_rule_cannot_overlap_and_shows_significant_but_small():
+    """Issue 25: +0.013 ± 0.007 with δ = 0.02 both 'held' and 'did not hold' under the old wording. Each (lo, hi)
+    now has one verdict, and a CI inside (0, δ) is its own visible case."""
+    assert comedy.verdict("direction", 0.006, 0.019, 0.02) == "holds, but smaller than the margin"
+    assert comedy.verdict("direction", 0.006, 0.021, 0.02) == "holds"
+    assert comedy.verdict("direction", -0.019, 0.019, 0.02) == "does not hold: no practical difference"
+    assert comedy.verdict("direction", -0.05, -0.01, 0.02) == "does not hold: the opposite"
+    assert comedy.verdict("direction", -0.058, 0.001, 0.02) == "cannot tell"      # the corrected "gap" claim
+    assert comedy.verdict("match", -0.023, -0.005, 0.02) == "cannot tell"
+    assert comedy.verdict("match", -0.019, 0.019, 0.02) == "holds"
+    assert comedy.verdict("match", 0.021, 0.05, 0.02) == "does not hold"
+    grid = [x / 200 for x in range(-20, 21)]                 # every CI on a grid: the if-chain's cases partition it
+    for lo in grid:
+        for hi in (h for h in grid if h >= lo):
+            v = comedy.verdict("direction", lo, hi, 0.02)
+            cases = {"holds": lo > 0 and hi >= 0.02, "holds, but smaller than the margin": lo > 0 and hi < 0.02,
+                     "does not hold: the opposite": hi < 0,
+                     "does not hold: no practical difference": lo <= 0 <= hi and -0.02 < lo and hi < 0.02}
+            cases["cannot tell"] = not any(cases.values())
+            assert [k for k, on in cases.items() if on] == [v], (lo, hi, v)
+
+
+def test_instability_is_a_difference_in_differences():
+    """'K1-in-loss becomes unstable as β grows' compares k1-in-loss's β effect on the reward drop with k1-in-reward's
+    own: the same growth in both arms is no instability of k1-in-loss; more growth in k1-in-loss holds; the claim
+    and 'lower β does better' are reported for every larger β, oriented as written."""
+    def study(loss_hi, reward_hi, acc_lo, acc_hi):
         recs = synthetic({"none": 0.5, "k1-in-reward": 0.5, "k1-in-loss": 0.5, "k3-in-reward": 0.5,
-                          "k3-in-loss": 0.5, "k3-in-both": 0.5}, spread=0.002)
+                          "k3-in-loss": 0.5, "k3-in-both": 0.5}, spread=0.002, seeds=range(6), betas=(0.05, 0.3, 1.0))
         for r in recs:
-            if r["arm"] == "k1-in-loss":
-                r["reward_drop"] += drop_lo if r["beta"] == 0.05 else drop_hi
+            if r["arm"] == "k1-in-loss" and r["beta"] > 0.05:
+                r["reward_drop"] += loss_hi * r["beta"]
             if r["arm"] == "k1-in-reward":
+                r["reward_drop"] += reward_hi * r["beta"] if r["beta"] > 0.05 else 0
                 r["in_greedy"] += acc_lo if r["beta"] == 0.05 else acc_hi
-        return {c.split(":")[0]: (v, n) for c, v, n in comedy.claims(recs, [0.05, 1.0])}
+        return verdicts_of(recs, [0.05, 0.3, 1.0])
     unstable, lower = "K1-in-loss becomes unstable as β grows", "Lower β does better"
-    as_claimed = with_drops(0.0, 0.3, 0.2, 0.0)
-    assert as_claimed[unstable][0] == "holds" and as_claimed[unstable][1].startswith("+0.3")
-    assert "at β = 1 − at β = 0.05" in as_claimed[unstable][1]
-    assert as_claimed[lower][0] == "holds" and as_claimed[lower][1].startswith("+0.2")
-    reversed_ = with_drops(0.3, 0.0, 0.0, 0.2)
-    assert reversed_[unstable][0] == "does not hold" and reversed_[unstable][1].startswith("-0.3")
-    assert reversed_[lower][0] == "does not hold" and reversed_[lower][1].startswith("-0.2")
+    both_grow = study(0.3, 0.3, 0.2, 0.0)
+    assert {both_grow[(unstable, at)]["verdict"] for at in ("β 0.05 → 0.3", "β 0.05 → 1")} \
+        == {"does not hold: no practical difference"}                    # was "holds" when k1-in-reward was ignored
+    only_loss = study(0.3, 0.0, 0.2, 0.0)
+    c = only_loss[(unstable, "β 0.05 → 1")]
+    assert c["verdict"] == "holds" and c["mean"] == pytest.approx(0.3, abs=0.01)
+    assert only_loss[(lower, "β 0.05 vs 1")]["verdict"] == "holds" and only_loss[(lower, "β 0.05 vs 0.3")]["mean"] > 0.19
+    reversed_ = study(-0.3, 0.0, 0.0, 0.2)
+    assert reversed_[(unstable, "β 0.05 → 1")]["verdict"] == "does not hold: the opposite"
+    assert reversed_[(lower, "β 0.05 vs 1")]["verdict"] == "does not hold: the opposite"
 
 
-def test_mean_ci_is_the_t_interval():
+def test_exact_t_quantiles_and_the_interval():
+    """Known t_{0.975} quantiles (any table: df 1 12.706, 5 2.571, 17 2.110, 30 2.042, 100 1.984); the old table
+    fell back to 1.96 past df 10."""
+    for df, t in ((1, 12.7062), (5, 2.5706), (17, 2.1098), (30, 2.0423), (100, 1.9840)):
+        assert comedy.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
     m, h = comedy.mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and h == pytest.approx(4.30 * 1.0 / 3 ** 0.5, rel=1e-3)
+    assert m == 2.0 and h == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
+    xs = [random.Random(i).gauss(0, 1) for i in range(18)]
+    sd = (sum((x - sum(xs) / 18) ** 2 for x in xs) / 17) ** 0.5
+    assert comedy.mean_ci(xs)[1] == pytest.approx(2.1098 * sd / 18 ** 0.5, rel=1e-4)
+
+
+def test_p_values_agree_with_the_intervals_and_holm_steps_down():
+    """A 95% CI excludes 0 iff the t-test's p < 0.05 (direction); it lies in ±δ iff the TOST p < 0.05 (match). Holm:
+    p = (0.01, 0.04, 0.03, 0.005) tests 0.005 at α/4 and 0.01 at α/3 (both pass), 0.03 at α/2 (fails): it and 0.04
+    keep level 1 − α/2."""
+    for i in range(40):
+        rng = random.Random(i)
+        xs = [rng.gauss(rng.uniform(-0.03, 0.03), rng.uniform(0.005, 0.03)) for _ in range(rng.choice((3, 6, 18)))]
+        m, h = comedy.mean_ci(xs)
+        assert (comedy.p_value("direction", xs, 0.02, 1) < 0.05) == (m - h > 0 or m + h < 0)
+        assert (comedy.p_value("match", xs, 0.02, 0) < 0.05) == (-0.02 < m - h and m + h < 0.02)
+    levels = comedy.holm_levels([0.01, 0.04, 0.03, 0.005])
+    assert levels == pytest.approx([1 - 0.05 / 3, 0.975, 0.975, 1 - 0.05 / 4])
+
+
+@pytest.mark.parametrize("study", ["comedy", "comedy-smollm2"])
+def test_committed_summaries_are_exact_t_recomputations(study):
+    """Every 'mean ± half-width' in a committed summary.md is the exact-t interval of its runs.jsonl (scipy's t
+    quantile, computed here without comedy.py), and every claim line is comedy.claim_row of those runs."""
+    from scipy import stats
+    folder = os.path.join(ROOT, "results", study)
+    recs = [json.loads(line) for line in open(os.path.join(folder, "runs.jsonl"))]
+    text = open(os.path.join(folder, "summary.md"), encoding="utf-8").read()
+    table = text[text.index("| arm |"):text.index("## Claims")].strip().splitlines()[2:]   # the arms × β table
+    rows = [line for line in table if line.startswith("| ")]
+    assert len(rows) == len({(r["arm"], r["beta"]) for r in recs})
+    for row in rows:
+        arm, beta, *cells = [c.strip() for c in row.strip("|").split("|")]
+        runs = [r for r in recs if r["arm"] == arm and r["beta"] == float(beta)]
+        for key, shown in zip(("in_greedy", "in_pass1", "ood_greedy", "ood_pass1", "token_rkl", "token_fkl",
+                               "entropy", "reward_drop"), cells):
+            xs = [r[key] for r in runs]
+            n, m = len(xs), sum(xs) / len(xs)
+            h = stats.t.ppf(0.975, n - 1) * (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 / n ** 0.5
+            assert shown == f"{m:.3f} ± {h:.3f}", (arm, beta, key)
+    betas = sorted({r["beta"] for r in recs if r["arm"] != "none"})
+    for c in comedy.claims(recs, betas):
+        assert comedy.claim_row(c) in text, c["claim"]
 
 
 # ---------------------------------------------------------------------------------------------------------

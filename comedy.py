@@ -376,31 +376,51 @@ def summary(recs, args, base, command, wall):
     return "\n".join(lines) + "\n"
 
 
-def curves(out, folders, betas, arms, setup):
+def curves(out, folders, betas, arms, setup, recs):
+    """curves.png: per β, the training curves (seeds thin, their mean bold, a band of the mean's 95% t-interval over
+    seeds) and the final greedy accuracy of every run as a point per seed (in domain filled, OOD hollow), on [0, 1]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [("reward", "train reward"), ("token_rkl", "exact token KL(π‖π_ref)"), ("entropy", "entropy")]
-    fig, axes = plt.subplots(len(betas), len(keys), figsize=(15, 3.6 * len(betas)), squeeze=False)
+    keys = [("reward", "train reward", "mean reward (0-1)"), ("token_rkl", "exact token KL(π‖π_ref)", "nats / token"),
+            ("entropy", "entropy", "nats / token")]
+    fig, axes = plt.subplots(len(betas), len(keys) + 1, figsize=(19, 3.8 * len(betas)), squeeze=False)
     colors = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for i, beta in enumerate(betas):
-        for j, (key, title) in enumerate(keys):
+        for j, (key, title, unit) in enumerate(keys):
             ax = axes[i, j]
             for arm in arms:
                 runs = [f for (a, b, _), f in folders.items() if a == arm and (b == beta or a == "none")]
-                series = [[r[key] for r in read_metrics(f, "train")] for f in runs]
+                series = [moving_average([r[key] for r in read_metrics(f, "train")], 5) for f in runs]
                 if not series:
                     continue
                 for s in series:
-                    ax.plot(moving_average(s, 5), color=colors[arm], lw=0.5, alpha=0.35)
+                    ax.plot(s, color=colors[arm], lw=0.5, alpha=0.35)
                 n = min(map(len, series))
-                mean = [sum(s[t] for s in series) / len(series) for t in range(n)]
-                ax.plot(moving_average(mean, 5), color=colors[arm], lw=2, label=arm)
-            ax.set(title=f"{title}, β = {beta:g}", xlabel="step")
+                stats = [mean_ci([s[t] for s in series]) for t in range(n)]
+                ax.plot([m for m, _ in stats], color=colors[arm], lw=2, label=arm)
+                if len(series) >= 3:                 # 2 seeds' t-interval (t = 12.7) spans more than the data
+                    top = 1.0 if key == "reward" else math.inf             # every quantity here is >= 0
+                    ax.fill_between(range(n), [max(0.0, m - h) for m, h in stats], [min(top, m + h) for m, h in stats],
+                                    color=colors[arm], alpha=0.12, lw=0)
+            ax.set(title=f"{title}, β = {beta:g}", xlabel="step", ylabel=unit)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
+        ax = axes[i, -1]
+        for k, arm in enumerate(arms):
+            for tag in ("in", "ood"):
+                ys = cell(recs, arm, beta, f"{tag}_greedy")
+                x = k + (0.15 if tag == "ood" else -0.15)
+                ax.scatter([x] * len(ys), ys, s=18, color=colors[arm],
+                           facecolors=colors[arm] if tag == "in" else "none")
+                if ys:
+                    ax.hlines(sum(ys) / len(ys), x - 0.12, x + 0.12, color=colors[arm], lw=2)
+        ax.set(title=f"final greedy accuracy, β = {beta:g}", ylim=(0, 1), xticks=range(len(arms)),
+               ylabel="accuracy (• in domain, ○ OOD; bar = mean)")
+        ax.set_xticklabels(arms, rotation=30, fontsize=7)
     fig.suptitle(f"KL arms, {setup['in_task']} ({'the tiny model' if setup is SETUPS['tiny'] else 'SmolLM2-135M'}): "
-                 "seeds thin, mean bold (5-step moving average)")
+                 "seeds thin, mean bold, band = 95% t-interval of the mean over seeds (from 3 seeds on, within the "
+                 "quantity's range; 5-step moving average)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)
@@ -501,7 +521,7 @@ def main(argv=None):
             f"{cpu:.0f} min of train + eval over all runs (one thread each; {os.cpu_count()} cores)")
     text = summary(recs, args, base, command.strip(), wall)
     write_atomic(os.path.join(args.out, "summary.md"), text)
-    curves(args.out, folders, args.betas, args.arms, setup)
+    curves(args.out, folders, args.betas, args.arms, setup, recs)
     print(text)
     return 0
 

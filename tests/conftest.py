@@ -7,10 +7,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread is faster than two fighting over a busy 2-core machine (10-100x for
 # generate), and subprocesses (train.py, eval.py) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import glob  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def doc_text(name):
+    """The text of docs/<name> (e.g. doc_text("toy-study.md"))."""
+    with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
+        return f.read()
+
+
+def docs_text():
+    """README.md, then every docs/*.md in name order, joined by blank lines: the whole user documentation, for tests
+    that hold a number or a sentence in it to the results wherever the text lives."""
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    texts = []
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            texts.append(f.read())
+    return "\n\n".join(texts)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,11 +1,14 @@
-"""The README's copy-paste snippets give exactly the trainer's loss and gradient.
+"""The README's copy-paste snippets give exactly the trainer's loss and gradient, and survive real use.
 
 Every ```python block under README.md's "## Copy-paste snippets" heading is read from the README itself and executed
 on its own, in an empty namespace (so it must be self-contained: torch only). Its loss and its gradient with respect
 to logp are compared with kl_rl.shaped_advantages + kl_rl.policy_loss (train.py's calls, default --ratio-clip 0 8)
 for the same estimators.parse_kl configuration, to 1e-12, on random float64 batches: several groups, variable
-completion lengths (random masks), and off-policy ratios on both sides of the clamp. Slipped variants of each snippet
-(the source edited one way a reader might) must NOT match, so the comparison is shown to be able to fail.
+completion lengths (random masks), and off-policy ratios on both sides of the clamp. Real use: −inf, +inf or NaN at
+padded positions (what a log-softmax of masked logits gives) change neither loss nor gradient; micro-batches of whole
+groups, each loss weighted by its share of the sequences as the README says, add up to the whole batch; a group size
+below 2 (or one that does not divide the rows) is refused with a ValueError. Slipped variants of each snippet (the
+source edited one way a reader might) must NOT match, so each comparison is shown to be able to fail.
 """
 import os
 import re
@@ -111,7 +114,7 @@ SLIPS = [
      "baseline includes the sample itself (Dr. GRPO): gradient × (1 − 1/G)"),
     ("k1_in_reward_rloo_loss", "(logp - ref_logp).detach()", "(logp - ref_logp)",
      "in-reward KL not detached"),
-    ("rho_k3_in_loss", "kl = (rho * k3 * mask)", "kl = (rho.detach() * k3 * mask)",
+    ("rho_k3_in_loss", "kl = (rho * k3)", "kl = (rho.detach() * k3)",
      "ρ detached: plain k3's (1 − r)·∇log π, weighted"),
     ("rho_k3_in_loss", "rho.clamp(max=8.0)", "rho",
      "no ratio clamp"),
@@ -129,3 +132,75 @@ def test_a_slip_does_not_match(name, old, new, slip):
     assert SOURCES[name].count(old) == 1, f"{name} no longer contains {old!r}: update SLIPS"
     (_, grad), (_, want_grad) = run_snippet(name, *batch(0), source=SOURCES[name].replace(old, new))
     assert (grad - want_grad).abs().max() > 1e-3, f"the slip '{slip}' went unnoticed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real use: garbage at padded positions, gradient accumulation, a group size that cannot work
+# ---------------------------------------------------------------------------------------------------------
+def snippet_args(name, logp, ref_logp, behav_logp, mask, rewards):
+    """The snippet's arguments after logp, as run_snippet passes them (advantages from the trainer for ρ·k3)."""
+    if name == "rho_k3_in_loss":
+        _, adv = trainer("k3-in-loss", logp, ref_logp, mask, rewards, behav_logp, kl_is="rho")
+        return [ref_logp, behav_logp, mask, adv, BETA]
+    return [ref_logp, mask, rewards, G, BETA]
+
+
+def pad_with(args, mask, value):
+    """Every (N, T) tensor argument with `value` written at the padded positions (mask 0)."""
+    return [a.masked_fill(mask == 0, value) if torch.is_tensor(a) and a.shape == mask.shape and a is not mask else a
+            for a in args]
+
+
+PAD_SLIPS = {"k1_in_reward_rloo_loss": ("logp.where(m, 0.0), ref_logp.where(m, 0.0)", "logp * m, ref_logp * m"),
+             "k3_in_both_loss": ("logp.where(m, 0.0), ref_logp.where(m, 0.0)", "logp * m, ref_logp * m"),
+             "rho_k3_in_loss": ("(x.where(m, 0.0) for x in", "(x * m for x in")}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("pad", [-torch.inf, torch.inf, torch.nan, 1e4])
+def test_padding_values_change_neither_loss_nor_gradient(name, pad):
+    logp, ref_logp, behav_logp, mask, rewards = batch(1)
+    args = snippet_args(name, logp, ref_logp, behav_logp, mask, rewards)
+    zero = loss_and_grad(load(name), logp.masked_fill(mask == 0, 0.0), *pad_with(args, mask, 0.0))
+    (loss, grad) = loss_and_grad(load(name), logp.masked_fill(mask == 0, pad), *pad_with(args, mask, pad))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), f"{name}: padding {pad} leaks into the result"
+    assert (loss - zero[0]).abs() < 1e-12 and (grad - zero[1]).abs().max() < 1e-12
+    assert (grad[mask == 0] == 0).all()                                 # padding gets no gradient
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masking_by_a_product_is_caught_by_the_padding_test(name):
+    old, new = PAD_SLIPS[name]
+    assert SOURCES[name].count(old) == 1, f"{name} no longer contains {old!r}: update PAD_SLIPS"
+    logp, ref_logp, behav_logp, mask, rewards = batch(1)
+    args = pad_with(snippet_args(name, logp, ref_logp, behav_logp, mask, rewards), mask, -torch.inf)
+    loss, grad = loss_and_grad(load(name, SOURCES[name].replace(old, new)), logp.masked_fill(mask == 0, -torch.inf),
+                               *args)
+    assert not (torch.isfinite(loss) and torch.isfinite(grad).all()), "-inf * 0 = NaN went unnoticed"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_micro_batches_of_whole_groups_add_up_to_the_batch(name):
+    """The README: split between whole groups and backward loss * N_k / N; the gradients add up to the batch's."""
+    logp, ref_logp, behav_logp, mask, rewards = batch(2)
+    args = snippet_args(name, logp, ref_logp, behav_logp, mask, rewards)
+    full_loss, full_grad = loss_and_grad(load(name), logp, *args)
+    N, fn = logp.shape[0], load(name)
+    lp = logp.clone().requires_grad_()
+    total = 0
+    for rows in (slice(0, G), slice(G, N)):                            # 1 group, then 2: unequal micro-batches
+        part = [a[rows] if torch.is_tensor(a) and a.shape[:1] == (N,) else a for a in args]
+        n_k = rows.stop - rows.start
+        loss_k = fn(lp[rows], *part) * n_k / N
+        loss_k.backward()
+        total = total + loss_k.detach()
+    assert (total - full_loss).abs() < 1e-12 and (lp.grad - full_grad).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("name", ["k1_in_reward_rloo_loss", "k3_in_both_loss"])
+@pytest.mark.parametrize("group_size", [1, 0, 5])
+def test_a_group_size_that_cannot_work_is_refused(name, group_size):
+    """G = 1: the leave-one-out mean divides by G − 1 = 0 (NaN advantages, silently); G = 5 does not divide 12 rows."""
+    logp, ref_logp, _, mask, rewards = batch(0)
+    with pytest.raises(ValueError, match="group_size must be >= 2 and divide"):
+        load(name)(logp, ref_logp, mask, rewards, group_size, BETA)

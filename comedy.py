@@ -35,7 +35,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from run_folder import die_with_parent, moving_average, read_metrics, write_atomic
+from run_folder import die_with_parent, holder, lock_run, moving_average, open_nofollow, read_metrics, write_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
@@ -57,6 +57,7 @@ ALPHA = 0.05       # the CIs are 95%; Holm's step-down keeps the chance of any f
 # What counts as "no practical difference" for each measured quantity, fixed here before any data: 2 problems in 100
 # of accuracy, a 0.01 larger fall of the (0-1) training reward, 0.005 nats/token of entropy. summary.md prints them.
 MARGINS = {"accuracy": 0.02, "reward drop": 0.01, "entropy": 0.005}
+STUDY_FILES = (".lock", "base-eval.json", "runs.jsonl", "summary.md", "curves.png", "runs")   # written in --out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,6 +83,8 @@ def run_one(args, arm, beta, seed):
     if finished(folder):
         return folder                                                    # finished earlier
     has_ckpt = any(os.path.isfile(os.path.join(folder, c, "state.pt")) for c in ("checkpoint", "checkpoint.old"))
+    if (pid := holder(folder)) is not None:                            # a train.py started by hand, say
+        raise RuntimeError(f"{folder} is in use by another process (PID {pid}); comedy.py leaves it alone")
     if has_ckpt:
         train = ["--resume", rel(folder)]
     else:
@@ -94,7 +97,7 @@ def run_one(args, arm, beta, seed):
                 *args.setup["eval"], "--out", rel(os.path.join(folder, "eval.json"))]
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with open(os.path.join(folder, "log.txt"), "a") as log:
+    with open_nofollow(os.path.join(folder, "log.txt"), "a") as log:     # never through a planted link
         for script, argv in (("train.py", train), ("eval.py", evaluate)):
             p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], stdout=log, stderr=log, env=env,
                                cwd=HERE, preexec_fn=die_with_parent)
@@ -422,7 +425,8 @@ def curves(out, folders, betas, arms, setup, recs):
                  "seeds thin, mean bold, band = 95% t-interval of the mean over seeds (from 3 seeds on, within the "
                  "quantity's range; 5-step moving average)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=80)
+    with open_nofollow(os.path.join(out, "curves.png"), "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
 
@@ -487,7 +491,11 @@ def main(argv=None):
         ap.error("need --jobs >= 1, --steps >= 1, --eval-n >= 4 and β >= 0")
     command = "python comedy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    try:                                       # one writer per study folder, as per run folder (issue 26)
+        lock_run(args.out, names=STUDY_FILES, what="study folder")
+    except (ValueError, OSError) as e:
+        print(f"comedy.py: error: {e}", file=sys.stderr)
+        return 2
     todo = grid(args)
     done = [f for f in (os.path.join(args.out, "runs", f"{a}-b{b:g}-s{s}") for a, b, s in todo) if finished(f)]
     if args.report:                                # the grid shrinks to what finished; nothing is trained or evaluated
@@ -506,13 +514,22 @@ def main(argv=None):
     base = base_accuracy(args)
     print(f"comedy.py: {len(todo)} runs in {args.out}/runs ({len(done)} finished, {args.jobs} at a time)",
           file=sys.stderr)
-    with ThreadPoolExecutor(args.jobs) as pool:   # seed by seed: an interrupted study has whole seeds of every arm
+    pool, folders = ThreadPoolExecutor(args.jobs), {}
+    try:                                          # seed by seed: an interrupted study has whole seeds of every arm
         futures = {key: pool.submit(run_one, args, *key) for key in sorted(todo, key=lambda k: k[2])}
-        folders = {}
         for i, (key, fut) in enumerate(futures.items()):
             folders[key] = fut.result()
             print(f"comedy.py: [{i + 1}/{len(todo)}] {key[0]} β={key[1]:g} seed {key[2]} done "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:                     # the runs' processes get SIGTERM with us and checkpoint (train.py)
+        print(f"comedy.py: interrupted after {len(folders)} of {len(todo)} runs; finished runs are kept and the others "
+              "resume from their last checkpoint: run the same command again", file=sys.stderr, flush=True)
+        os._exit(130)
+    except (RuntimeError, ValueError, OSError) as e:   # a failed run, a planted link: one line, the others finish
+        pool.shutdown(cancel_futures=True)
+        print(f"comedy.py: error: {e}", file=sys.stderr)
+        return 1
+    pool.shutdown()
     version = one_version(folders.values(), f"{args.out}/runs")
     recs = [run_record(folders[key], *key) for key in todo]
     write_atomic(os.path.join(args.out, "runs.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))

@@ -53,6 +53,32 @@ def test_smoke_study_writes_every_file_and_skips_finished_runs(tmp_path):
     assert p.returncode != 0 and "mixes code versions" in p.stderr and "0000000" in p.stderr
 
 
+def test_one_writer_per_study_folder_and_no_rm_of_a_live_run(tmp_path):
+    """Issue 26.3: a second comedy.py on a study folder exits 2 naming the holder's PID, before touching anything; and
+    a run folder whose lock a live process holds (a train.py started by hand) is never rm -rf'ed by the study."""
+    import argparse
+    from run_folder import lock_run, release_run
+    made = lock_run(str(tmp_path), what="study folder")        # this process plays the first comedy.py
+    try:
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "comedy.py"), "--smoke", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        release_run(str(tmp_path), made)
+    assert p.returncode == 2 and f"(PID {os.getpid()})" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == [".lock"]                # nothing started, nothing written
+    run = tmp_path / "runs" / "k1-in-reward-b0.3-s0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("precious\n")
+    made = lock_run(str(run))                                         # a live writer of that run folder
+    try:
+        args = argparse.Namespace(out=str(tmp_path))
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            comedy.run_one(args, "k1-in-reward", 0.3, 0)
+    finally:
+        release_run(str(run), made)
+    assert (run / "metrics.jsonl").read_text() == "precious\n"
+
+
 def synthetic(arm_means, spread=0.01, seeds=(0, 1, 2), betas=(0.05, 1.0)):
     """Seed results with given per-arm means of every metric, jittered by ±spread across seeds."""
     recs = []

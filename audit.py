@@ -102,7 +102,9 @@ def load(spec):
         raise AuditError(f"{spec!r}: expected FILE.py:NAME")
     if not os.path.isfile(path):
         raise AuditError(f"{path}: no such file")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))                # its own sibling imports work
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)                                              # its own sibling imports work
     module_name = "audited_" + os.path.splitext(os.path.basename(path))[0]
     try:
         module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name, path))

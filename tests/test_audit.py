@@ -83,6 +83,11 @@ def rho_k3(logp, ref_logp, mask, rewards, group_size, beta, behav_logp, detach=F
 def rho_k3_detached(logp, ref_logp, mask, rewards, group_size, beta, behav_logp):
     return rho_k3(logp, ref_logp, mask, rewards, group_size, beta, behav_logp, detach=True)
 
+def k1_in_reward_and_k3_in_loss(logp, ref_logp, mask, rewards, group_size, beta):   # both coefficients set
+    delta = logp - ref_logp
+    return k1_in_reward_rloo_loss(logp, ref_logp, mask, rewards, group_size, beta) + \
+        beta * ((torch.expm1(-delta) + delta) * mask).sum() / logp.shape[0]
+
 def scalar_per_sequence(logp, ref_logp, mask, rewards, group_size, beta):
     return (logp - ref_logp).sum(-1)
 '''
@@ -209,6 +214,12 @@ def test_losses_beta_half_in_both_ignored_beta_and_grpo_std(user):
     assert fixed["gradient"] == "reverse-kl" and not fixed["beta_responsive"] and fixed["scale"] == pytest.approx(0.25)
     grpo = audit.audit_loss(user["k1_in_reward_grpo"])
     assert not grpo["beta_responsive"] and abs(grpo["beta_exponent"]) < 0.05      # the std division cancels β
+
+
+def test_kl_in_reward_and_in_loss_with_different_estimators_adds_two_gradients(user):
+    # k1 in the reward and k3 in the loss, each at β: ∇RKL + ∇tokFKL, neither named, about twice as large
+    r = audit.audit_loss(user["k1_in_reward_and_k3_in_loss"])
+    assert r["gradient"] == "other" and min(r["size"]) > 1.5
 
 
 def test_rho_detached_off_policy_is_the_forward_kl_not_the_reverse(user):

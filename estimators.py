@@ -33,7 +33,8 @@ gradient of the KL part equals (β = 1; all on-policy; checked to 1e-8 by exact 
 `level` only matters for the reward placement: "sequence" subtracts β·Σ_t k_t from the whole sequence's
 reward (the paper's choice), "token" gives token t the reward-to-go penalty β·Σ_{s≥t} k_s (OpenRLHF). The
 dropped past terms Σ_{s<t} k_s are fixed given s_t and E[g_t|s_t] = 0, so every expected gradient above is
-unchanged and only the variance drops.
+unchanged and only the variance changes: usually it drops, not always (the exact token/sequence variance ratio is
+1.095 at T = 2 on notebook 01's toy, below 1 from T = 4: the dropped terms can be negatively correlated with the rest).
 
 Off-policy (samples from a behaviour policy μ, ρ_t = π_θ/μ per token), for the loss placement:
 ρ_t·k3_t with ρ_t NOT detached (RPG / DeepSeek-V3.2) and sg(ρ_t)·k2_t both have per-sample gradient

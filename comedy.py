@@ -17,9 +17,10 @@ average, from its running maximum). A study is one code version: every run recor
 (train.py's config.json), and comedy.py refuses to add runs to, or summarise, a study that mixes commits.
 
 Commands
-  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1.0} × 6 seeds, 2 jobs (see README)
-  python comedy.py --setup smollm2      # the real-model study (see README; ~15 h on 2 cores)
+  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1.0} × 6 seeds, 2 jobs (docs/toy-study.md)
+  python comedy.py --setup smollm2      # the real-model study (docs/real-model.md; ~30 CPU-hours)
   python comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
+  python comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
 Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its
 last checkpoint), so an interrupted study continues where it stopped.
 Outputs in --out (default results/comedy/, results/comedy-smollm2/): runs/<arm>-b<β>-s<seed>/ (train.py run folders

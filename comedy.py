@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from run_folder import die_with_parent, holder, lock_run, moving_average, open_nofollow, read_metrics, write_atomic
 
@@ -97,6 +97,8 @@ def run_one(args, arm, beta, seed):
                 "--temperature", str(args.setup["temperature"]), "--limit", str(args.eval_n), "--seed", str(seed),
                 *args.setup["eval"], "--out", rel(os.path.join(folder, "eval.json"))]
     os.makedirs(folder, exist_ok=True)
+    if os.path.lexists(os.path.join(folder, "eval.json")):            # a torn write of ours: eval.py keeps its --out
+        os.remove(os.path.join(folder, "eval.json"))                  # safe from anything not a result, so we clear it
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open_nofollow(os.path.join(folder, "log.txt"), "a") as log:     # never through a planted link
         for script, argv in (("train.py", train), ("eval.py", evaluate)):
@@ -105,6 +107,17 @@ def run_one(args, arm, beta, seed):
             if p.returncode:
                 raise RuntimeError(f"{script} failed for {folder} (exit {p.returncode}); see {folder}/log.txt")
     return folder
+
+
+def progress(args, key):
+    """One running run's state for the study's heartbeat line: its training step, or that it is being evaluated."""
+    folder = os.path.join(args.out, "runs", f"{key[0]}-b{key[1]:g}-s{key[2]}")
+    try:
+        steps = sum(1 for r in read_metrics(folder, "train"))
+        total = json.load(open_nofollow(os.path.join(folder, "config.json")))["steps"]
+    except (OSError, ValueError, KeyError):
+        return f"{key[0]} β={key[1]:g} s{key[2]} starting"
+    return f"{key[0]} β={key[1]:g} s{key[2]} " + (f"step {steps}/{total}" if steps < total else "evaluating")
 
 
 def code_versions(folders):
@@ -517,11 +530,19 @@ def main(argv=None):
           file=sys.stderr)
     pool, folders = ThreadPoolExecutor(args.jobs), {}
     try:                                          # seed by seed: an interrupted study has whole seeds of every arm
-        futures = {key: pool.submit(run_one, args, *key) for key in sorted(todo, key=lambda k: k[2])}
-        for i, (key, fut) in enumerate(futures.items()):
-            folders[key] = fut.result()
-            print(f"comedy.py: [{i + 1}/{len(todo)}] {key[0]} β={key[1]:g} seed {key[2]} done "
-                  f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        futures = {pool.submit(run_one, args, *key): key for key in sorted(todo, key=lambda k: k[2])}
+        pending = set(futures)
+        while pending:                            # a line per finished run, and one a minute on the running ones
+            done_now, pending = wait(pending, timeout=60, return_when=FIRST_COMPLETED)
+            for fut in done_now:
+                key = futures[fut]
+                folders[key] = fut.result()
+                print(f"comedy.py: [{len(folders)}/{len(todo)}] {key[0]} β={key[1]:g} seed {key[2]} done "
+                      f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if pending and not done_now:
+                print(f"comedy.py: {len(folders)}/{len(todo)} runs done ({time.time() - t0:.0f} s); running: "
+                      + ", ".join(progress(args, futures[f]) for f in pending if f.running()), file=sys.stderr,
+                      flush=True)
     except KeyboardInterrupt:                     # the runs' processes get SIGTERM with us and checkpoint (train.py)
         print(f"comedy.py: interrupted after {len(folders)} of {len(todo)} runs; finished runs are kept and the others "
               "resume from their last checkpoint: run the same command again", file=sys.stderr, flush=True)

@@ -125,7 +125,12 @@ def generate_records(model, tok, name, examples, args):
     def grade(out, r, ex):   # row r of a rollout, graded by the task's own reward (never re-implemented here)
         return {"correct": bool(reward(name, out["texts"][r], ex) > 0.5),
                 "length": int(out["completion_mask"][r].sum()), "truncated": bool(out["truncated"][r])}
+    t0 = last = time.time()
+    done = 0                                          # problems at the last progress line
     for b in tqdm(range(0, len(examples), bs), desc=name, unit="batch", disable=None):
+        if b and not sys.stderr.isatty() and ((b - done) * 20 >= len(examples) or time.time() - last >= 30):
+            done, last = b, time.time()              # a log file: a line every ~5% or ~30 s instead of a bar
+            print(f"eval.py: {name} {b}/{len(examples)} problems, {last - t0:.0f} s", file=sys.stderr, flush=True)
         exs = examples[b:b + bs]
         prompts = [build_prompt(tok, ex["question"], args.prompt_format, args.thinking) for ex in exs]
         seed = args.seed * 1_000_003 + b          # seed per batch: the same --seed and --batch-size reproduce all
@@ -210,7 +215,21 @@ def resolve(args):
         tag = "+".join(args.task_list)
         args.out = (os.path.join(os.path.dirname(os.path.abspath(args.adapter)), f"eval-{tag}.json") if args.adapter
                     else os.path.join("eval-results", f"{os.path.basename(args.model.rstrip('/'))}-{tag}.json"))
+    check_out(args.out)
     return args
+
+
+def check_out(path):
+    """--out may be a new file or an earlier eval.py result, never another file (a model's or a run's config.json:
+    the model no longer loaded) and never a symbolic link."""
+    from run_folder import read_json
+    if os.path.islink(path):
+        die(f"--out {path} is a symbolic link; pick a plain file name")
+    if os.path.exists(path):
+        try:
+            check_result(read_json(path))
+        except (AssertionError, KeyError, TypeError, IndexError, AttributeError):
+            die(f"--out {path} exists and is not an eval.py result (it would be overwritten); pick another --out")
 
 
 def provenance():
@@ -387,12 +406,14 @@ def star(d, acc):
 # Entry points
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a base model or base + LoRA adapter; compare result files.")
+    import tasks
+    p = argparse.ArgumentParser(description="Evaluate a base model or base + LoRA adapter; compare result files.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)   # --help shows defaults
     p.add_argument("--model", help="hub id or local folder (default: the run's model, else assets/tiny-arith)")
     p.add_argument("--adapter", help="run folder (uses RUN/checkpoint) or peft adapter folder")
-    p.add_argument("--tasks", default="arith,arith_spaced", help="comma-separated names from tasks.TASKS")
+    p.add_argument("--tasks", default="arith,arith_spaced", help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
     p.add_argument("--samples", type=int, default=SAMPLES,
-                   help=f"n samples per problem for pass@k (0 = greedy only; default {SAMPLES}, as in the README)")
+                   help="n samples per problem for pass@k (0 = greedy only; the README's tables use 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the n samples")
     p.add_argument("--limit", type=int, default=None, help="first L test problems per task")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
@@ -433,12 +454,21 @@ def main(argv=None):
     if not argv:
         return demo()
     args = parse_args(argv)
+    if args.bootstrap < 1:                        # checked before hours of evaluation, not after (it once discarded one)
+        die(f"--bootstrap must be >= 1 (resamples for the 95% CIs), got {args.bootstrap}")
     if args.compare:
         return print(table([load_result(p) for p in args.compare], args.bootstrap, args.seed))
     res = run_eval(resolve(args))
+    n = sum(len(t["problems"]) for t in res["tasks"].values())
+    print(f"eval.py: evaluated {n} problems of {', '.join(res['tasks'])} ({args.samples} samples each) in "
+          f"{sum(t['seconds'] for t in res['tasks'].values()):.0f} s; wrote {res['path']}", file=sys.stderr)
     print(f"wrote {res['path']}\n")
     print(table([res], args.bootstrap, args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                     # results are written whole or not at all (write_atomic)
+        print("eval.py: interrupted (Ctrl-C); no result was written for the evaluation in progress", file=sys.stderr)
+        sys.exit(130)

@@ -316,8 +316,8 @@ def measured(config, layers, probes, args):
     least its tensors' bytes (at_least_tensor_bytes): every caller gets a run it can trust."""
     key = json.dumps([os.path.basename(config), layers, probes, args.device, args.threads], sort_keys=True)
     path = os.path.join(args.cache, "memory-" + hashlib.sha1(key.encode()).hexdigest()[:12] + ".json")
-    cached = json.load(open(path)) if os.path.isfile(path) else {}
-    if cached.get("key") == key:
+    cached = run_folder.read_json(path) if os.path.isfile(path) else {}   # a corrupt cache file: measured again
+    if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("result"), dict):
         result = cached["result"]
     else:
         print(f"gpu_check.py: measuring {os.path.basename(config)} at {layers} layer(s)", file=sys.stderr, flush=True)
@@ -455,6 +455,10 @@ def main(argv=None):
         measure({**specs[0], "probes": WARM_UP})            # first-call costs (kernels, pools) are nobody's static
         print("MEMORY " + json.dumps([measure(spec) for spec in specs]), flush=True)
         return 0
+    for config in args.models.split(","):                   # one line, not a traceback deep in the table
+        if not isinstance(run_folder.read_json(config), dict):
+            print(f"gpu_check.py: error: --models {config}: not a readable JSON model config", file=sys.stderr)
+            return 2
     import torch
     import transformers
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,14 +4,18 @@ train.py's loop reads as the paper's algorithm; everything that protects a user'
 run meets it:
   check_config      bad values, zero-gradient configurations, a --device that is not here  -> ValueError (exit 2)
   check_out         write only into a fresh folder or this run's own (never a model, a checkpoint, another run)
+  resumable_config  a resume reads a whole train.py config.json (every key of the run) or refuses, writing nothing
   same, fits        config.json values compared with the command line, and type-checked before a resume trusts them
-  save              a checkpoint that cannot be written (a full disk) names the intact previous one, exit 1
+  save, Log         a checkpoint or a metrics record that cannot be written (a full disk) names the intact
+                    checkpoint, exit 1, leaving no temporary file and no cut-off record
   stop_on_signals   Ctrl-C / SIGTERM end the run with one line naming the last good checkpoint (exit 130 / 143)
   first_nonfinite   after every optimizer step: a NaN or inf parameter stops the run before it is logged or saved
   finite_sampling   finite weights that overflow the forward pass stop at the next sampling, one line
   zero_gradient     a run whose first ZERO_GRAD_STEPS steps all had gradient norm exactly 0 stops (nothing learns)
 Every message is one line on stderr; tests/test_run_folder.py feeds each the inputs that once broke it.
 """
+import contextlib
+import json
 import math
 import os
 import shlex
@@ -21,10 +25,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
+from safetensors import SafetensorError
 
 from estimators import parse_kl
-from run_folder import (checkpoint_dir, folder_kind, is_run_config, last_checkpoint, local, one_line, read_json,
-                        save_checkpoint)
+from run_folder import (at, checkpoint_dir, folder_kind, is_run_config, last_checkpoint, local, one_line,
+                        open_nofollow, read_bounded, read_json, save_checkpoint)
 
 SEED_MAX = (2**63 - 2**40) // 100003                         # |seed·100003 + 10⁹ + step| < 2⁶³ for torch
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
@@ -39,8 +44,9 @@ def shown(v):
 def fits(f, v, item=False):
     """Whether a value read from config.json can be Config field f: its type (None where that is the default, a list
     for a tuple) and its choices."""
-    if isinstance(f.default, tuple) and not item:
-        return isinstance(v, list) and all(fits(f, x, item=True) for x in v)
+    if isinstance(f.default, tuple) and not item:             # --ratio-clip LO HI: exactly two
+        return isinstance(v, list) and all(fits(f, x, item=True) for x in v) and \
+            (not isinstance(f.metadata.get("nargs"), int) or len(v) == f.metadata["nargs"])
     if v is None:
         return f.default is None and not item
     kind = f.metadata.get("type") or type(f.default[0] if isinstance(f.default, tuple) else f.default)
@@ -53,6 +59,36 @@ def same(v):
     if isinstance(v, (tuple, list)):
         return eval_files(v, same) if v and "=" in str(v[0]) else tuple(v)
     return os.path.abspath(local(v)) if isinstance(v, str) and os.path.exists(local(v)) else v
+
+
+PROVENANCE = ("code_commit", "model_id")                    # written when a run starts; model_id gates every resume
+
+
+def resumable_config(run, config_fields):
+    """<run>/config.json, read (bounded, never through a link) and checked before a resume trusts it: a JSON object
+    holding every field of the run (config_fields less RESUMABLE) and its provenance, each a valid value. A file
+    without them ({} or an eval.py result) once resumed silently with the defaults (--prompts-per-step 4 -> 32) and
+    erased model_id, switching the base-model check off for every later resume. ValueError (one line) otherwise."""
+    path = os.path.join(run, "config.json")
+    if not os.path.lexists(path):
+        raise ValueError(f"--resume {run}: no config.json there (not a run folder)")
+    try:
+        with open_nofollow(path) as f:
+            saved = json.loads(read_bounded(f"/proc/self/fd/{f.fileno()}"))
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError, RecursionError):
+        raise ValueError(f"--resume {run}: config.json is unreadable, a link or corrupt (not a JSON object)") from None
+    missing = [f.name for f in config_fields if f.name not in RESUMABLE + ("out",) and f.name not in saved]
+    missing += [k for k in PROVENANCE if k not in saved]
+    if missing:
+        raise ValueError(f"--resume {run}: config.json is not a train.py run's configuration (it lacks "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); refusing to resume with "
+                         f"defaults in their place (the file is left as it is)")
+    for f in config_fields:                                 # a corrupt or edited value: one line, not a traceback
+        if f.name in saved and not fits(f, saved[f.name]):
+            raise ValueError(f"--resume {run}: config.json has {f.name} = {saved[f.name]!r}, not a valid "
+                             f"--{f.name.replace('_', '-')}")
+    return saved
 
 
 def eval_files(items, f):
@@ -70,9 +106,18 @@ def check_config(cfg):
                  threads=(0, 1))                             # name -> (bound, 1: >=, 0: >)
     for name, (bound, inclusive) in rules.items():
         v = getattr(cfg, name)
-        if not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
-            raise ValueError(f"--{name.replace('_', '-')} must be finite and {'>=' if inclusive else '>'} {bound}, "
-                             f"got {v}")
+        huge = type(v) is int and abs(v) >= 2**62             # --group-size 10**400: math.isfinite overflowed
+        if huge or not (math.isfinite(v) and (v >= bound if inclusive else v > bound)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite and {'>=' if inclusive else '>'} {bound}"
+                             f"{' (and < 2**62)' if huge else ''}, got {str(v)[:24]}{'...' if len(str(v)) > 24 else ''}")
+    if cfg.memory_budget_gb > 2**20:                        # 1 PiB: 1e308 once overflowed the rows-per-pass arithmetic
+        raise ValueError(f"--memory-budget-gb must be at most {2**20} (1 PiB), got {cfg.memory_budget_gb:g}")
+    if cfg.lr < torch.finfo(torch.float32).tiny:             # Adam's step is ~lr: below this every update underflows
+        raise ValueError(f"--lr {cfg.lr:g} is below float32's smallest normal number "
+                         f"({torch.finfo(torch.float32).tiny:.3g}): no update would move a weight")
+    if 100 / cfg.temperature > torch.finfo(torch.float32).max:   # logits / T overflow float32: NaN probabilities
+        raise ValueError(f"--temperature {cfg.temperature:g} is too small: logits / T overflow float32 (use >= 1e-30; "
+                         f"greedy decoding is what a tiny temperature approximates)")
     if not abs(cfg.seed) <= SEED_MAX:                       # torch seeds are 64-bit
         raise ValueError(f"--seed must be at most {SEED_MAX} in size (step seeds are seed·100003 + step, 64-bit), "
                          f"got {cfg.seed}")
@@ -141,6 +186,9 @@ def check_out(cfg, out):
     saved = read_json(os.path.join(path, "config.json"))
     if "config.json" in names and not is_run_config(saved):
         raise ValueError(f"--out {out} holds a config.json that is not a train.py run's; pick another --out")
+    if not saved and (theirs := [n for n in ("metrics.png", "resumes.jsonl") if n in names]):
+        raise ValueError(f"--out {out} holds {' and '.join(theirs)} but no run: a run would overwrite them; pick a "
+                         f"new or empty --out")
     if saved:
         mine = asdict(cfg)
         for k in (f.name for f in fields(type(cfg)) if f.name not in RESUMABLE + ("out",)):
@@ -157,13 +205,42 @@ def check_out(cfg, out):
 
 
 def save(out, model, optimizer, step, snapshots):
-    """save_checkpoint, or, when it cannot write (a full disk), one line naming the intact checkpoint and exit 1."""
+    """save_checkpoint, or, when it cannot write (a full disk: OSError, safetensors' SafetensorError, torch.save's
+    RuntimeError), one line naming the intact checkpoint and exit 1; save_checkpoint removed checkpoint.tmp."""
     try:
         save_checkpoint(out, model, optimizer, step, snapshots)
-    except OSError as e:
+    except (OSError, SafetensorError, RuntimeError) as e:
         print(f"train.py: error: cannot write the step-{step} checkpoint ({one_line(e)}); {last_checkpoint(out)}",
               file=sys.stderr)
         sys.exit(1)
+
+
+class Log:
+    """<out>/metrics.jsonl (through the pinned folder, never through a link), one whole record per write. A write that
+    fails (a full disk) is cut back to the last whole record and stops the run with one line naming the intact
+    checkpoint (exit 1): the file stays resumable (a cut-off record once made --resume fail on "Unterminated string")."""
+    def __init__(self, out, append):
+        self.out, self.f = out, open_nofollow(at(out, "metrics.jsonl"), "ab" if append else "wb", 0)
+
+    def write(self, text):
+        end = os.fstat(self.f.fileno()).st_size
+        data = memoryview(text.encode())
+        try:
+            while data:                                      # unbuffered: a short write goes on where it stopped
+                data = data[self.f.write(data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.f.fileno(), end)          # no torn record left behind
+            print(f"train.py: error: cannot write {os.path.join(self.out, 'metrics.jsonl')} ({one_line(e)}); "
+                  f"{last_checkpoint(self.out)}", file=sys.stderr)
+            sys.exit(1)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.f.close()
 
 
 def stop_on_signals(out):

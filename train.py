@@ -52,11 +52,11 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from guards import (RESUMABLE, check_config, check_out, eval_files, finite_sampling, first_nonfinite, fits, same, save,
-                    shown, stop_on_signals, zero_gradient)
-from run_folder import (checkpoint_dir, code_version, last_checkpoint, local, lock_run, machine, max_lora_rank,
-                        model_identity, one_line, portable, read_adapter_config, read_state, release_run, report,
-                        restore, write_atomic)
+from guards import (RESUMABLE, Log, check_config, check_out, eval_files, finite_sampling, first_nonfinite,
+                    resumable_config, same, save, shown, stop_on_signals, zero_gradient)
+from run_folder import (append_record, at, checkpoint_dir, code_version, last_checkpoint, local, lock_run, machine,
+                        max_lora_rank, metrics_until, model_identity, one_line, portable, read_adapter_config, read_json,
+                        read_state, release_run, report, restore, write_atomic)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -212,17 +212,10 @@ def resumed_config(given):
     """The run's config.json; refuses a flag that would change what the run is (a different arm, lr, model...)."""
     run = given["resume"]
     try:
-        saved = json.load(open(os.path.join(run, "config.json")))
-        assert isinstance(saved, dict)
-    except FileNotFoundError:
-        die(f"--resume {run}: no config.json there (not a run folder)")
-    except (OSError, ValueError, AssertionError):
-        die(f"--resume {run}: config.json is unreadable or corrupt (not a JSON object)")
+        saved = resumable_config(run, fields(Config))       # a whole train.py config.json, or one line
+    except ValueError as e:
+        die(one_line(e))
     names = {f.name: f.default for f in fields(Config)}
-    for f in fields(Config):                                 # a corrupt or edited value: one line, not a traceback
-        if f.name in saved and not fits(f, saved[f.name]):
-            die(f"--resume {run}: config.json has {f.name} = {saved[f.name]!r}, not a valid "
-                f"--{f.name.replace('_', '-')}")
     resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
     resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
     resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
@@ -238,8 +231,8 @@ def load_data(cfg):
     """Train set, held-out sets and the tokenizer; checks that every prompt + max_new_tokens fits the context."""
     train = load_task(cfg.task, "train", seed=cfg.seed, path=cfg.data_path)
     files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
-    if any(not f for f in files.values()):
-        raise ValueError(f"--eval-data takes TASK=FILE pairs, got {' '.join(cfg.eval_data)}")
+    if any(not f for f in files.values()) or len(files) < len(cfg.eval_data):
+        raise ValueError(f"--eval-data takes one TASK=FILE pair per task, got {' '.join(cfg.eval_data)}")
     for name in files:                                       # a file for no held-out task would be ignored silently
         if name not in (cfg.eval_tasks or (cfg.task,)):
             raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
@@ -312,12 +305,13 @@ def start_run(cfg, argv):
         if state and read_adapter_config(checkpoint_dir(cfg.resume), cfg.model)["r"] != cfg.lora_r:
             raise ValueError(f"--resume {cfg.resume}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
         if state:                                            # provenance is written once, when the run starts
-            saved = json.load(open(os.path.join(cfg.resume, "config.json")))
+            saved = read_json(at(out, "config.json"))
             provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
             now = model_identity(cfg.model)
             if provenance["model_id"] and now != provenance["model_id"]:
                 raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
                                  f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
+            kept = metrics_until(out, state["step"])        # a corrupt metrics.jsonl refuses before anything is written
         torch.manual_seed(cfg.seed)                          # LoRA initialisation
         try:
             model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
@@ -336,12 +330,12 @@ def start_run(cfg, argv):
     stored = {**asdict(cfg), "out": out, **provenance}
     stored.update({k: portable(stored[k]) for k in PATHS})
     stored["eval_data"] = eval_files(cfg.eval_data, portable)
-    write_atomic(os.path.join(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
+    write_atomic(at(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
     if state:                                                # every resume is on record, with the flags and code it had
-        with open(os.path.join(out, "resumes.jsonl"), "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
-                                "argv": list(sys.argv[1:] if argv is None else argv), "code_commit": commit,
-                                "code_dirty": dirty, "machine": machine()}) + "\n")
+        append_record(out, "resumes.jsonl", {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
+                                             "argv": list(sys.argv[1:] if argv is None else argv),
+                                             "code_commit": commit, "code_dirty": dirty, "machine": machine()})
+        write_atomic(at(out, "metrics.jsonl"), kept)        # what followed the checkpoint is dropped and redone
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -349,9 +343,8 @@ def start_run(cfg, argv):
         import bitsandbytes as bnb
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     snapshots = deque(maxlen=cfg.async_level + 1)           # adapters at the start of the last N+1 steps
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    start = restore(state, optimizer, snapshots, metrics_path) if state else 0
-    log = open(metrics_path, "a" if state else "w")         # a fresh run never appends to an old file
+    start = restore(state, optimizer, snapshots) if state else 0
+    log = Log(out, append=bool(state))                      # a fresh run never appends to an old file
     return out, model, tok, params, optimizer, snapshots, log, start
 
 

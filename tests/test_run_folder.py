@@ -199,7 +199,8 @@ def test_a_held_lock_is_one_line_naming_the_holder_and_nothing_is_written(model_
 def fake_run(folder, model_dir, **changes):
     """A run folder as train.py leaves it (config.json, metrics.jsonl, checkpoint/), without training."""
     (folder / "checkpoint").mkdir(parents=True)
-    cfg = {**dataclasses.asdict(train.parse_config(["--model", model_dir, *SMALL])), **changes}
+    cfg = {**dataclasses.asdict(train.parse_config(["--model", model_dir, *SMALL])), "code_commit": None,
+           "model_id": None, **changes}
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 0}) + "\n")
     (folder / "checkpoint" / "adapter_config.json").write_text("{}")
@@ -437,7 +438,8 @@ def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):
 # 8. Atomic writes: a reader finds the old file or the new one, never a part
 # ---------------------------------------------------------------------------------------------------------
 def full_disk_on(monkeypatch, name, *modules):
-    """open() in `modules` gives files named like `name` whose first write stores half of its text, then fails."""
+    """open() in `modules` gives files named like `name` whose first write stores half of its text, then fails (a file
+    opened by descriptor, as write_atomic and open_nofollow do, is named by /proc/self/fd)."""
     class Half:
         def __init__(self, f):
             self.f = f
@@ -461,7 +463,8 @@ def full_disk_on(monkeypatch, name, *modules):
 
     def fake_open(path, mode="r", *a, **k):
         f = builtins.open(path, mode, *a, **k)
-        return Half(f) if "w" in mode and name in os.path.basename(str(path)) else f
+        real = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+        return Half(f) if "w" in mode and name in os.path.basename(real) else f
     for m in modules:
         monkeypatch.setattr(m, "open", fake_open, raising=False)
 

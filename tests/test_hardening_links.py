@@ -1,0 +1,506 @@
+"""Run folders that cannot be turned against their user (issue 26): no write through a symbolic or hard link, a run
+folder pinned against a swapped --out link, a model identity over every byte, config.json and metrics.jsonl that a
+resume checks before it writes anything, torn records recovered, a full disk that loses nothing, a converted real
+model verified before use. Each test fails on the code before the issue (checked). Runs: the tiny random Llama,
+2-3 steps, in-process except where the test is about a process."""
+import builtins
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import real_model
+import run_folder
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "6",
+         "--max-new-tokens", "4", "--eval-n", "4", "--eval-every", "0", "--lr", "0.05"]
+
+
+def fails_with_one_line(capsys, argv, code=2):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if "train.py" in line and not line.startswith(("train.py: warning", "train.py: step "))]
+    assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: error:"), (e.value.code, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished(model_dir, tmp_path_factory):
+    """A 3-step run (checkpoint at step 3) on its own copy of the tiny model -> (run, model); tests copy the run."""
+    d = tmp_path_factory.mktemp("finished")
+    model = shutil.copytree(model_dir, d / "model")
+    assert train.main(["--model", str(model), "--out", str(d / "run"), *SMALL, "--steps", "3"]) == 0
+    return d / "run", model
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    return shutil.copytree(finished[0], tmp_path / "run", symlinks=True)
+
+
+def victim(tmp_path):
+    v = tmp_path / "victim"
+    v.write_text("precious\n")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Never write through a link
+# ---------------------------------------------------------------------------------------------------------
+def test_a_symlinked_lock_in_a_fresh_folder_is_refused_and_the_victim_kept(model_dir, tmp_path, capsys):
+    out, v = tmp_path / "r", victim(tmp_path)
+    out.mkdir()
+    (out / ".lock").symlink_to(v)
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
+    assert "symbolic link" in line and ".lock" in line
+    assert v.read_text() == "precious\n" and os.listdir(out) == [".lock"]
+
+
+def test_a_hard_linked_lock_is_refused_and_its_other_name_kept(model_dir, tmp_path, capsys):
+    out, v = tmp_path / "r", victim(tmp_path)
+    out.mkdir()
+    os.link(v, out / ".lock")
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
+    assert "hard link" in line and v.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["metrics.png", "resumes.jsonl", "config.json", "metrics.jsonl"])
+def test_a_run_file_linked_elsewhere_refuses_the_resume_and_the_victim_is_kept(run, tmp_path, capsys, name):
+    v = victim(tmp_path)
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(v)
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "link" in line and name in line, line
+    assert v.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name", ["metrics.png", "resumes.jsonl"])
+def test_a_hard_linked_run_file_refuses_the_resume(run, tmp_path, capsys, name):
+    v = victim(tmp_path)
+    (run / name).unlink(missing_ok=True)
+    os.link(v, run / name)
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "hard link" in line and name in line and v.read_text() == "precious\n"
+
+
+def test_a_checkpoint_tmp_link_to_a_folder_is_never_written_into(run, tmp_path, capsys):
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    (target / "README.md").write_text("mine\n")
+    (run / "checkpoint.tmp").symlink_to(target, target_is_directory=True)
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "checkpoint.tmp" in line and "symbolic link" in line
+    assert os.listdir(target) == ["README.md"] and (target / "README.md").read_text() == "mine\n"
+
+
+def test_save_checkpoint_removes_a_planted_link_instead_of_writing_through_it(run, tmp_path):
+    """The save itself (a link planted after the start): the link goes, the target stays as it was."""
+    import torch
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    (run / "checkpoint.tmp").symlink_to(target, target_is_directory=True)
+
+    class Adapter:                                   # what save_checkpoint needs of a peft model
+        def save_pretrained(self, d):
+            with open(os.path.join(d, "adapter_model.safetensors"), "w") as f:
+                f.write("x")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    run_folder.save_checkpoint(str(run), Adapter(), opt, 9, [])
+    assert os.listdir(target) == [] and run_folder.read_state(str(run))["step"] == 9
+
+
+def test_write_atomic_never_follows_a_link_planted_at_its_temporary_name(tmp_path):
+    v = victim(tmp_path)
+    path = tmp_path / "config.json"
+    os.symlink(v, f"{path}.{os.getpid()}.tmp")
+    run_folder.write_atomic(str(path), "{}")
+    assert v.read_text() == "precious\n" and path.read_text() == "{}" and not path.is_symlink()
+
+
+def test_open_nofollow_refuses_links_hard_links_and_devices(tmp_path):
+    v = victim(tmp_path)
+    (tmp_path / "s").symlink_to(v)
+    os.link(v, tmp_path / "h")
+    for name, mode in (("s", "a"), ("s", "w"), ("h", "w"), ("h", "a")):
+        with pytest.raises(ValueError):
+            run_folder.open_nofollow(str(tmp_path / name), mode)
+    with pytest.raises(ValueError):
+        run_folder.open_nofollow("/dev/zero", "r")
+    assert v.read_text() == "precious\n"
+    with run_folder.open_nofollow(str(tmp_path / "new"), "w") as f:
+        f.write("ok")
+    assert (tmp_path / "new").read_text() == "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The run folder is pinned: a swapped --out link does not redirect writes (a real process)
+# ---------------------------------------------------------------------------------------------------------
+def test_swapping_the_out_symlink_mid_run_does_not_redirect_writes(model_dir, tmp_path):
+    a, b, link = tmp_path / "a", tmp_path / "b", tmp_path / "link"
+    a.mkdir()
+    b.mkdir()
+    link.symlink_to(a, target_is_directory=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--model", model_dir, "--out", str(link),
+                          *SMALL, "--steps", "6", "--save-every", "1", "--kl", "k1-in-loss", "--beta", "0.1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    with open(b / ".lock", "w") as held:             # b: another run's folder, its lock held
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            deadline = time.time() + 240
+            while not (a / "checkpoint" / "state.pt").exists() and p.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            os.symlink(b, tmp_path / "link.new")
+            os.replace(tmp_path / "link.new", link)   # --out now names b
+            err = p.communicate(timeout=240)[1]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 0, err[-2000:]
+    assert sorted(os.listdir(b)) == [".lock"]                                 # nothing written into the other run
+    assert run_folder.read_state(str(a))["step"] == 6 and (a / "metrics.png").exists()
+    steps = [json.loads(line)["step"] for line in open(a / "metrics.jsonl") if '"train"' in line]
+    assert steps == list(range(6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. A resume trusts only a whole train.py config.json, and a failed resume writes nothing
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [{}, {"config": {"model": "x"}, "tasks": {"arith": {}}},
+                                    "drop:prompts_per_step", "drop:model_id"])
+def test_a_config_json_without_the_runs_keys_refuses_resume_untouched(run, capsys, config):
+    saved = json.loads((run / "config.json").read_text())
+    if isinstance(config, str):
+        saved.pop(config.split(":")[1])
+        config = saved
+    (run / "config.json").write_text(json.dumps(config))
+    before = {n: (run / n).read_bytes() for n in ("config.json", "metrics.jsonl")}
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "not a train.py run's configuration" in line
+    assert {n: (run / n).read_bytes() for n in before} == before and not (run / "resumes.jsonl").exists()
+
+
+def test_a_failed_resume_writes_nothing(run, capsys):
+    """A corrupt record in the middle of metrics.jsonl is found before config.json or resumes.jsonl is touched."""
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"type": "train", "st\n'
+    (run / "metrics.jsonl").write_text("".join(lines))
+    before = {n: (run / n).read_bytes() for n in ("config.json", "metrics.jsonl")}
+    mtime = os.stat(run / "config.json").st_mtime_ns
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "metrics.jsonl: line 2" in line
+    assert {n: (run / n).read_bytes() for n in before} == before and not (run / "resumes.jsonl").exists()
+    assert os.stat(run / "config.json").st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Torn records are recovered; a full disk loses nothing and leaves no temporary file
+# ---------------------------------------------------------------------------------------------------------
+def train_steps(run):
+    return [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if '"train"' in line]
+
+
+def test_a_torn_last_metrics_record_is_dropped_and_redone(run, capsys):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 3, "reward": 0.')              # a crash or a full disk mid-append
+    with open(run / "resumes.jsonl", "w") as f:
+        f.write('{"time": "x", "from_step": 1}\n{"time": "y", "fro')        # a torn resumes.jsonl too
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "was cut off" in err and "dropped and redone" in err and "Traceback" not in err
+    assert train_steps(run) == [0, 1, 2, 3]
+    resumes = [json.loads(line) for line in open(run / "resumes.jsonl")]   # every line parses
+    assert [r["from_step"] for r in resumes] == [1, 3]
+
+
+def fail_writes(monkeypatch, name, *modules, nth=1):
+    """open() in `modules` gives files named like `name`, opened for writing or appending, whose nth write stores half
+    of what it is given, then fails with ENOSPC (a full disk). Names of files opened by descriptor come from /proc."""
+    count = [0]
+
+    class Half:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            count[0] += 1
+            if count[0] < nth:
+                return self.f.write(data)
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        real = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+        return Half(f) if ("a" in mode or "w" in mode) and os.path.basename(real) == name else f
+    for m in modules:
+        monkeypatch.setattr(m, "open", fake_open, raising=False)
+
+
+def test_a_full_disk_during_a_metrics_append_names_the_checkpoint_and_stays_resumable(run, capsys, monkeypatch):
+    fail_writes(monkeypatch, "metrics.jsonl", train, run_folder, nth=2)     # the second record of the resumed run
+    before = (run / "metrics.jsonl").read_text()
+    kept = "".join(line for line in before.splitlines(keepends=True) if json.loads(line)["step"] < 3)
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "6"], code=1)
+    assert "No space left on device" in line and f"last good checkpoint: {run / 'checkpoint'} (step 3)" in line
+    text = (run / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and text.startswith(kept) and [json.loads(x) for x in text.splitlines()]
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0                # resumable, no hand-editing
+    assert train_steps(run) == [0, 1, 2, 3]
+
+
+def test_a_safetensors_error_during_a_save_is_one_line_and_leaves_no_temp_folder(model_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import peft.peft_model
+    from safetensors import SafetensorError
+    save, calls = peft.peft_model.safe_save_file, []
+
+    def full_disk(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        return save(tensors, path, *a, **k)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL, "--steps", "3",
+                                        "--save-every", "1"], code=1)
+    assert "cannot write the step-2 checkpoint" in line and f"{out / 'checkpoint'} (step 1)" in line
+    assert not (out / "checkpoint.tmp").exists() and run_folder.read_state(str(out))["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The model identity covers every byte of the weights
+# ---------------------------------------------------------------------------------------------------------
+def unsampled_offset(path):
+    """A byte of a safetensors file's data that the old identity (16 evenly spaced 4 KiB samples) never read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+    step = max(0, size - start - 4096) // 15
+    read = set()
+    for k in range(16):
+        read.update(range(start + k * step, start + k * step + 4096))
+    return next(o for o in range(start, size) if o not in read)
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x80]))
+
+
+def test_model_identity_sees_a_byte_outside_any_sample_and_a_resume_refuses_it(finished, run, tmp_path, capsys):
+    model = shutil.copytree(finished[1], tmp_path / "model")
+    weights = model / "model.safetensors"
+    before = run_folder.model_identity(str(model))
+    flip(weights, unsampled_offset(weights))
+    assert run_folder.model_identity(str(model)) != before
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"] = str(model)
+    (run / "config.json").write_text(json.dumps(saved))
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "model_id" in line
+
+
+def test_file_digest_is_cached_by_size_mtime_and_inode(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_model, "CACHE", str(tmp_path / "cache" / "models"))
+    calls = []
+    sha = real_model.sha256
+    monkeypatch.setattr(real_model, "sha256", lambda p: calls.append(p) or sha(p))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 10000)
+    d = real_model.file_digest(str(f))
+    assert real_model.file_digest(str(f)) == d and len(calls) == 1             # read once
+    f.write_bytes(b"b" * 10000)                                               # same size, new mtime
+    assert real_model.file_digest(str(f)) != d and len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. A converted real model is verified before use; interrupted conversions are cleaned up
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_conversion(tmp_path, monkeypatch):
+    """real_model.folder with a stand-in convert() that writes a small safetensors folder as convert() does."""
+    import torch
+    from safetensors.torch import save_file
+    monkeypatch.setattr(real_model, "CACHE", str(tmp_path / "cache" / "models"))
+    calls = []
+
+    def convert(name, out, quiet=False):
+        calls.append(out)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        save_file({"w": torch.arange(4096, dtype=torch.float32)}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, real_model.MARKER), "w") as fh:
+            json.dump({"sha256": real_model.MODELS[name]["sha256"],
+                       "weights_sha256": real_model.file_digest(os.path.join(tmp, "model.safetensors"))}, fh)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    monkeypatch.setattr(real_model, "convert", convert)
+    return calls
+
+
+def test_a_corrupted_converted_model_is_converted_again(fake_conversion):
+    out = real_model.folder("smollm2-135m", quiet=True)
+    assert real_model.folder("smollm2-135m", quiet=True) == out and len(fake_conversion) == 1
+    weights = os.path.join(out, "model.safetensors")
+    with open(weights, "r+b") as f:                  # zero a block of the weights, size unchanged
+        f.seek(os.path.getsize(weights) - 4096)
+        f.write(bytes(4096))
+    real_model.folder("smollm2-135m", quiet=True)
+    assert len(fake_conversion) == 2
+    os.truncate(weights, os.path.getsize(weights) // 2)                       # a truncated one too
+    real_model.folder("smollm2-135m", quiet=True)
+    assert len(fake_conversion) == 3 and real_model._whole_safetensors(weights)
+
+
+def test_a_conversion_killed_mid_way_is_cleaned_up_on_the_next_start(fake_conversion):
+    out = real_model.folder("smollm2-135m", quiet=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{out}.tmp-{dead.pid}"
+    os.makedirs(stale)
+    with open(os.path.join(stale, "model.safetensors"), "wb") as f:
+        f.write(bytes(1 << 20))
+    assert real_model.folder("smollm2-135m", quiet=True) == out
+    assert not os.path.exists(stale) and len(fake_conversion) == 1
+
+
+def test_a_marker_from_before_weight_digests_is_checked_structurally(fake_conversion):
+    out = real_model.folder("smollm2-135m", quiet=True)
+    marker = os.path.join(out, real_model.MARKER)
+    legacy = {"sha256": real_model.MODELS["smollm2-135m"]["sha256"]}
+    with open(marker, "w") as f:
+        json.dump(legacy, f)
+    real_model.folder("smollm2-135m", quiet=True)                # whole: its digest is recorded, no re-conversion
+    assert len(fake_conversion) == 1 and "weights_sha256" in json.load(open(marker))
+    with open(marker, "w") as f:
+        json.dump(legacy, f)
+    weights = os.path.join(out, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 100)         # truncated, with an old marker: converted again
+    real_model.folder("smollm2-135m", quiet=True)
+    assert len(fake_conversion) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. Writes only into a new or own folder or file
+# ---------------------------------------------------------------------------------------------------------
+def test_out_refuses_a_folder_of_user_files_the_run_would_overwrite(model_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.png").write_bytes(b"my own plot")
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(out), *SMALL])
+    assert "metrics.png" in line and (out / "metrics.png").read_bytes() == b"my own plot"
+
+
+def test_eval_out_never_overwrites_a_file_that_is_not_an_eval_result(model_dir, tmp_path):
+    import eval as ev
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    before = (model / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        ev.resolve(ev.parse_args(["--model", str(model), "--tasks", "arith", "--out", str(model / "config.json")]))
+    assert e.value.code == 2 and (model / "config.json").read_bytes() == before
+
+
+def test_eval_bootstrap_0_is_refused_before_evaluating(model_dir, tmp_path, capsys):
+    import eval as ev
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", model_dir, "--tasks", "arith", "--samples", "1", "--limit", "2", "--max-new-tokens", "2",
+                 "--bootstrap", "0", "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "--bootstrap" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. One line and the right exit code, or a refusal up front
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,says", [
+    (["--group-size", str(10**400)], "--group-size must be finite"),
+    (["--memory-budget-gb", "1e308"], "--memory-budget-gb must be"),
+    (["--lr", "1e-50"], "no update would move a weight"),            # exited 0 with the weights unchanged
+    (["--temperature", "1e-300"], "--temperature 1e-300 is too small"),  # failed blaming the learning rate
+    (["--eval-data", "arith=a.jsonl", "arith=b.jsonl"], "one TASK=FILE pair per task"),   # kept the last silently
+])
+def test_flags_that_broke_a_run_are_one_line_up_front(model_dir, tmp_path, capsys, flags, says):
+    line = fails_with_one_line(capsys, ["--model", model_dir, "--out", str(tmp_path / "run"), *SMALL, *flags])
+    assert says in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("clip", [[0.0, 1.0, 8.0], []])
+def test_a_ratio_clip_of_other_than_two_items_in_config_json_is_one_line(run, capsys, clip):
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "ratio_clip": clip}))
+    assert "config.json has ratio_clip" in fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+
+
+def test_an_adapter_with_modules_to_save_is_refused(run, finished):
+    path = run / "checkpoint" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        run_folder.read_adapter_config(str(run / "checkpoint"), str(finished[1]))
+
+
+def test_gpu_check_on_a_missing_or_non_json_models_file_is_one_line(tmp_path, capsys):
+    import gpu_check
+    (tmp_path / "bad.json").write_text("not json")
+    for models in (str(tmp_path / "missing.json"), str(tmp_path / "bad.json")):
+        assert gpu_check.main(["--memory", "--device", "cpu", "--models", models, "--cache", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("gpu_check.py: error: --models")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Caps that bound cost: rows and question lengths checked while reading, before anything is tokenised
+# ---------------------------------------------------------------------------------------------------------
+def test_a_data_file_over_the_row_cap_is_refused_while_streaming(tmp_path):
+    import tasks
+    path = tmp_path / "many.jsonl"
+    path.write_text('{"problem": "1+1?", "answer": "2"}\n' * (tasks.MAX_ROWS + 1))
+    with pytest.raises(tasks.TaskError, match="rows, over the limit"):
+        tasks.load_task("math", "train", path=str(path))
+
+
+def test_a_question_over_the_length_cap_is_refused_before_tokenising(tmp_path):
+    import tasks
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"problem": "x" * (70 << 10), "answer": "2"}) + "\n")
+    with pytest.raises(tasks.TaskError, match="MAX_QUESTION_CHARS"):
+        tasks.load_task("math", "train", path=str(path))
+
+
+def test_a_config_json_linked_to_dev_zero_is_read_bounded(tmp_path):
+    (tmp_path / "config.json").symlink_to("/dev/zero")
+    assert run_folder.read_json(str(tmp_path / "config.json")) is None         # not read until memory runs out
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(run_folder.JSON_LIMIT + 1)
+    assert run_folder.read_json(str(big)) is None

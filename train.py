@@ -306,7 +306,7 @@ def start_run(cfg, argv):
             raise ValueError(f"--resume {cfg.resume}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
         if state:                                            # provenance is written once, when the run starts
             saved = read_json(at(out, "config.json"))
-            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id")}
+            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id", "machine")}
             now = model_identity(cfg.model)
             if provenance["model_id"] and now != provenance["model_id"]:
                 raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "

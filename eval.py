@@ -44,6 +44,7 @@ import contextlib
 import glob
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -259,7 +260,7 @@ def run_eval(args):
             die(f"{e} [eval.py: --data {t}=FILE]" if "path" in str(e) else str(e))
     try:
         model, tok = load_policy(args.model, load_in_4bit=args.load_in_4bit, adapter=args.adapter)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, pickle.UnpicklingError) as e:      # a pickle payload in a .bin: refused, one line
         die(f"cannot load {args.model!r}{' + ' + args.adapter if args.adapter else ''}: {str(e).splitlines()[0]}")
     except RuntimeError as e:   # peft raises "size mismatch for ..." for an adapter of a differently shaped model
         if "size mismatch" not in str(e):

@@ -549,8 +549,47 @@ def build_prompt(tokenizer, question, fmt="auto", thinking=False):
     if not template:
         raise TaskError("--prompt-format chat: this tokenizer has no chat template (use plain)")
     extra = {"enable_thinking": thinking} if "enable_thinking" in str(template) else {}
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True, **extra)
+    import jinja2
+    try:
+        with _time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                 add_generation_prompt=True, **extra)
+    except jinja2.TemplateError as e:                       # incl. the sandbox's SecurityError: one line, not 40
+        raise TaskError(f"the tokenizer's chat template fails to render a prompt: {_one_line(e)[:200]}") from None
+    if len(text) > len(question) + MAX_QUESTION_CHARS:
+        raise TaskError(f"the tokenizer's chat template adds {len(text) - len(question):,} characters to a prompt "
+                        f"(over tasks.MAX_QUESTION_CHARS = {MAX_QUESTION_CHARS:,})")
+    return text
+
+
+TEMPLATE_SECONDS = 10       # one prompt's chat-template rendering (a real one takes < 1 ms; a 1e5 x 1e5 loop: hours)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _time_limit(seconds):
+    """A context that raises TaskError when its body runs longer than `seconds` (SIGALRM: the main thread only; a
+    worker thread renders unbounded). jinja renders in Python, so the signal interrupts a template's loops."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def limit():
+        def stop(signum, frame):
+            raise _Timeout
+        old = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        except _Timeout:
+            raise TaskError(f"the tokenizer's chat template took over {seconds} s to render one prompt "
+                            f"(tasks.TEMPLATE_SECONDS); refusing a template that loops") from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    return limit() if threading.current_thread() is threading.main_thread() else contextlib.nullcontext()
 
 
 def end_of_turn_ids(tokenizer):

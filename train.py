@@ -45,6 +45,7 @@ import warnings
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from pickle import UnpicklingError
 
 import torch
 from safetensors import SafetensorError
@@ -318,7 +319,7 @@ def start_run(cfg, argv):
                                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
                                      adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
-        except (OSError, RuntimeError, SafetensorError) as e:  # no weights, a truncated file, an unknown architecture
+        except (OSError, RuntimeError, SafetensorError, UnpicklingError) as e:   # no weights, a truncated file, a pickle
             raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}") from None
     except BaseException:
         release_run(out, made)                               # a failed start leaves no folder behind

@@ -504,3 +504,37 @@ def test_a_config_json_linked_to_dev_zero_is_read_bounded(tmp_path):
     with open(big, "wb") as f:
         f.truncate(run_folder.JSON_LIMIT + 1)
     assert run_folder.read_json(str(big)) is None
+
+
+@pytest.mark.parametrize("template,says", [
+    ("{{ ''.__class__.__mro__ }}", "fails to render"),                                   # the sandbox refuses it
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),   # hours
+])
+def test_a_hostile_chat_template_is_one_line_and_bounded_in_time(model_dir, monkeypatch, template, says):
+    import tasks
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = template
+    monkeypatch.setattr(tasks, "TEMPLATE_SECONDS", 1)
+    t0 = time.time()
+    with pytest.raises(tasks.TaskError, match=says):
+        tasks.build_prompt(tok, "1+1=", "chat")
+    assert time.time() - t0 < 30
+
+
+def test_a_pickle_payload_model_is_one_line(model_dir, tmp_path, capsys):
+    """A model folder whose weights are a pickle that would run code: transformers refuses it (weights_only), and
+    train.py says so in one line instead of a 33-line traceback."""
+    import pickle as pk
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    for f in os.listdir(model):
+        if f.endswith(".safetensors"):
+            os.remove(model / f)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pk.dump(Payload(), f)
+    line = fails_with_one_line(capsys, ["--model", str(model), "--out", str(tmp_path / "run"), *SMALL])
+    assert "cannot load model" in line and not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()

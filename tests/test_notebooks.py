@@ -5,9 +5,11 @@ sequence lengths, the same code), as a reader's Jupyter would run it: working di
 (the interpreter running pytest, through ipykernel). The notebooks assert their own quantitative claims in their
 cells, and their exercise solutions (cells tagged `solution`) assert their answers, so a notebook whose text and
 numbers disagree fails here with the cell's traceback. While it runs, every figure it shows is checked: each panel
-that has axes (not a diagram drawn with `axis("off")`) has both axis labels (a shared axis counts once) and a legend when it has more than one labelled line. Nothing is
-written back: the committed notebooks keep the outputs of their full-size run. TMPDIR points the kernel's run
-folders (tempfile.mkdtemp in the notebooks) into pytest's tmp_path, which pytest cleans up.
+that has axes (not a diagram drawn with `axis("off")`) has both axis labels (a shared axis counts once), a legend
+when it has more than one labelled line, and, when its y label speaks of accuracy or of completions correct, a y
+range inside [0, 1] (an accuracy is a fraction, whatever interval is drawn around it). Nothing is written back:
+the committed notebooks keep the outputs of their full-size run. TMPDIR points the kernel's run folders
+(tempfile.mkdtemp in the notebooks) into pytest's tmp_path, which pytest cleans up.
 
 Without executing anything, each committed notebook must also have: a first cell that links the paper and the
 README's glossary; an "Exercises" heading, then a "Solutions" heading, then at least one solution cell, every one
@@ -51,6 +53,10 @@ def _check_open_figures():
                 _siblings = (_ax.get_shared_x_axes() if _axis == "x" else _ax.get_shared_y_axes()).get_siblings(_ax)
                 if not any((_a.get_xlabel() if _axis == "x" else _a.get_ylabel()) for _a in _siblings):
                     _FIGURE_PROBLEMS.append(f"{_where}: no {_axis} label")
+            _ylabels = " ".join(_a.get_ylabel() for _a in _ax.get_shared_y_axes().get_siblings(_ax)).lower()
+            _bottom, _top = _ax.get_ylim()
+            if ("accuracy" in _ylabels or "correct" in _ylabels) and not (-1e-9 <= _bottom and _top <= 1 + 1e-9):
+                _FIGURE_PROBLEMS.append(f"{_where}: an accuracy axis beyond [0, 1]: {_bottom:.2f} to {_top:.2f}")
             _names = _ax.get_legend_handles_labels()[1]
             if len(_names) > 1 and _ax.get_legend() is None:
                 _FIGURE_PROBLEMS.append(f"{_where}: {len(_names)} labelled lines and no legend")

@@ -249,7 +249,9 @@ def load_data(cfg):
     try:
         tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
     except OSError as e:                                     # hub id not cached offline, no access, no such repo
-        raise OSError(f"cannot load model {cfg.model!r}: {str(e).strip().splitlines()[0]}") from None
+        raise OSError(f"cannot load model {cfg.model!r}: {one_line(e)[:160]}" + ("" if os.path.isdir(source) else
+                      "; without a network a hub id must be in the Hugging Face cache (HF_HUB_OFFLINE=1 says so at "
+                      "once); offline models: --model smollm2-135m (real_model.py) or the default tiny one")) from None
     limit = max_lora_rank(source)
     if limit and cfg.lora_r > limit:
         raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "

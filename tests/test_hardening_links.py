@@ -538,3 +538,36 @@ def test_a_pickle_payload_model_is_one_line(model_dir, tmp_path, capsys):
         pk.dump(Payload(), f)
     line = fails_with_one_line(capsys, ["--model", str(model), "--out", str(tmp_path / "run"), *SMALL])
     assert "cannot load model" in line and not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_hub_id_without_network_names_the_offline_ways_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = fails_with_one_line(capsys, ["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "run"),
+                                        *SMALL])
+    assert "--model smollm2-135m" in line and "HF_HUB_OFFLINE=1" in line and not (tmp_path / "run").exists()
+
+
+def test_steps_0_lists_no_checkpoint_and_names_the_next_command(model_dir, tmp_path, capsys):
+    assert train.main(["--model", model_dir, "--out", str(tmp_path / "r0"), *SMALL, "--steps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint/" not in out and not (tmp_path / "r0" / "checkpoint").exists()
+    assert train.main(["--model", model_dir, "--out", str(tmp_path / "r1"), *SMALL]) == 0
+    assert f"next: python eval.py --adapter {tmp_path / 'r1'} --tasks arith" in capsys.readouterr().out
+
+
+def test_eval_help_shows_defaults_and_task_names(capsys):
+    import eval as ev
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 1000)" in text and "arith_spaced" in text and "math500" in text
+
+
+def test_eval_prints_progress_to_a_log_and_says_what_it_did(model_dir, tmp_path, capsys):
+    import eval as ev
+    ev.main(["--model", model_dir, "--tasks", "arith", "--samples", "1", "--limit", "40", "--batch-size", "2",
+             "--max-new-tokens", "2", "--bootstrap", "10", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.splitlines()
+    progress = [x for x in err if x.startswith("eval.py: arith ") and "problems" in x]
+    assert len(progress) >= 10                                    # every ~5% of 40 problems
+    assert any(x.startswith("eval.py: evaluated 40 problems of arith") and str(tmp_path / "r.json") in x for x in err)

@@ -571,3 +571,21 @@ def test_eval_prints_progress_to_a_log_and_says_what_it_did(model_dir, tmp_path,
     progress = [x for x in err if x.startswith("eval.py: arith ") and "problems" in x]
     assert len(progress) >= 10                                    # every ~5% of 40 problems
     assert any(x.startswith("eval.py: evaluated 40 problems of arith") and str(tmp_path / "r.json") in x for x in err)
+
+
+def test_a_corrupt_gpu_check_cache_entry_is_measured_again(tmp_path, monkeypatch):
+    """A half-written or hand-edited cache file gave a 30-line traceback at every run until deleted."""
+    import argparse
+    import hashlib as hl
+
+    import gpu_check
+    args = argparse.Namespace(cache=str(tmp_path), device="cpu", threads=1)
+    key = json.dumps(["m.json", 1, [], "cpu", 1], sort_keys=True)
+    path = tmp_path / ("memory-" + hl.sha1(key.encode()).hexdigest()[:12] + ".json")
+    fresh = {"static": 2.0, "tensor_bytes": 1.0, "probes": []}
+    monkeypatch.setattr(gpu_check, "random_model", lambda *a: str(tmp_path))
+    monkeypatch.setattr(gpu_check, "run_worker", lambda spec: [fresh])
+    for corrupt in ('{"key": ', "[1, 2]", json.dumps({"key": key, "result": "x"})):
+        path.write_text(corrupt)
+        assert gpu_check.measured("m.json", 1, [], args) == fresh
+        assert json.loads(path.read_text()) == {"key": key, "result": fresh}

@@ -167,7 +167,7 @@ def run_record(folder, arm, beta, seed):
         m = ev[task]["metrics"]
         n = max(int(k[5:]) for k in m if k.startswith("pass@"))                     # the samples per problem
         rec.update({f"{tag}_greedy": m["greedy acc"]["mean"], f"{tag}_pass1": m["pass@1"]["mean"],
-                    f"{tag}_pass{n}": m[f"pass@{n}"]["mean"]})
+                    f"{tag}_pass{n}": m[f"pass@{n}"]["mean"], f"{tag}_n": len(ev[task]["problems"])})
     return rec
 
 
@@ -361,10 +361,14 @@ def summary(recs, args, base, command, wall):
     for r in recs:
         kinds[r.get("cpu_capability") or "not recorded"] = kinds.get(r.get("cpu_capability") or "not recorded", 0) + 1
     kernels = ", ".join(f"{k} ({n} runs)" for k, n in sorted(kinds.items()))
+
+    def sizes(tag):          # the evaluations' own sizes, not --eval-n: a re-summary with another --eval-n cannot lie
+        ns = sorted({base[f"{tag}_n"]} | {r[f"{tag}_n"] for r in recs})
+        return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]} (they differ between runs)"
     lines = [f"# The paper's claims at {'toy' if args.setup is SETUPS['tiny'] else 'small real-model'} scale", "",
              f"`{command}` — {len(recs)} runs ({len(seeds)} seed{'s' * (len(seeds) > 1)}); {wall}. Mean ± 95% CI "
-             f"half-width over seeds; accuracy on {base['n']} held-out problems per task (in domain `{args.in_task}`, "
-             f"out of domain `{args.ood_task}`: at most {base['n']}), greedy and pass@1 of {args.setup['samples']} "
+             f"half-width over seeds; accuracy on {sizes('in')} held-out problems in domain (`{args.in_task}`) and "
+             f"{sizes('ood')} out of domain (`{args.ood_task}`), greedy and pass@1 of {args.setup['samples']} "
              f"samples at T = {args.setup['temperature']:g}; KLs and entropy are means over the last 10% of training steps. Base "
              f"model before RL: in-domain greedy {base['in']:.3f}, OOD greedy {base['ood']:.3f}. CPU kernels the runs "
              f"used (a single run's floats agree only on the same kind): {kernels}.",
@@ -451,14 +455,16 @@ def base_accuracy(args):
     """The base model before RL, on the same problems (one eval.py call, cached in --out)."""
     path = os.path.join(args.out, "base-eval.json")
     if not _parses(path):
+        if os.path.lexists(path):                 # a torn write of ours: eval.py keeps a non-result --out safe
+            os.remove(path)
         subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--tasks", f"{args.in_task},{args.ood_task}",
                         "--samples", str(args.setup["samples"]), "--temperature", str(args.setup["temperature"]),
                         "--limit", str(args.eval_n),
                         *args.setup["eval"], "--out", rel(path)], check=True, stdout=subprocess.DEVNULL, cwd=HERE,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
     ev = json.load(open(path))["tasks"]
-    return {"in": ev[args.in_task]["metrics"]["greedy acc"]["mean"], "n": args.eval_n,
-            "ood": ev[args.ood_task]["metrics"]["greedy acc"]["mean"]}
+    return {"in": ev[args.in_task]["metrics"]["greedy acc"]["mean"], "in_n": len(ev[args.in_task]["problems"]),
+            "ood": ev[args.ood_task]["metrics"]["greedy acc"]["mean"], "ood_n": len(ev[args.ood_task]["problems"])}
 
 
 def _parses(path):

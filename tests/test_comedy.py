@@ -45,6 +45,10 @@ def test_smoke_study_writes_every_file_and_skips_finished_runs(tmp_path):
     assert json.load(open(bad))["tasks"] and os.path.getmtime(tmp_path / "runs" / "k1-in-reward-b0.3-s0" /
                                                               "eval.json") == stamps["k1-in-reward-b0.3-s0"]
     assert os.path.getmtime(good) == trained                         # the finished run was not trained again
+    # a re-summary with another --eval-n states the evaluations' own sizes (issue 26.10: it printed the flag's)
+    assert comedy.main(["--report", "--out", str(tmp_path), "--eval-n", "7", "--arms", "k1-in-reward", "k3-in-loss",
+                        "--betas", "0.3", "--seeds", "0"]) == 0
+    assert "accuracy on 40 held-out problems in domain" in open(tmp_path / "summary.md").read()
     # runs from another commit: the study refuses to mix them, before training anything
     cfg_path = tmp_path / "runs" / "k1-in-reward-b0.3-s0" / "config.json"
     cfg = json.load(open(cfg_path))

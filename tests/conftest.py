@@ -68,3 +68,46 @@ def smollm2(tmp_path_factory):
     t0 = time.time()
     folder = real_model.folder("smollm2-135m", quiet=True)
     return {"folder": folder, "cache": real_model.CACHE, "seconds": time.time() - t0}
+
+
+def fail_writes(monkeypatch, name, *modules, nth=1, exact=False):
+    """A full disk: open() in `modules` gives files named like `name` (its basename equals `name` when `exact`, else
+    contains it: write_atomic's temporary names do), opened for writing or appending, whose nth write stores half of
+    what it is given, then fails with ENOSPC. Files opened by descriptor (write_atomic, open_nofollow) are named by
+    /proc/self/fd."""
+    import builtins
+    import errno
+    count = [0]
+
+    class Half:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            count[0] += 1
+            if count[0] < nth:
+                return self.f.write(data)
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def writelines(self, lines):
+            return self.write("".join(lines))
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        real = os.path.basename(os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path))
+        hit = real == name if exact else name in real
+        return Half(f) if ("a" in mode or "w" in mode) and hit else f
+    for m in modules:
+        monkeypatch.setattr(m, "open", fake_open, raising=False)
+

@@ -3,8 +3,6 @@ folder pinned against a swapped --out link, a model identity over every byte, co
 resume checks before it writes anything, torn records recovered, a full disk that loses nothing, a converted real
 model verified before use. Each test fails on the code before the issue (checked). Runs: the tiny random Llama,
 2-3 steps, in-process except where the test is about a process."""
-import builtins
-import errno
 import fcntl
 import json
 import os
@@ -20,29 +18,10 @@ import pytest
 import real_model
 import run_folder
 import train
+from conftest import fail_writes
+from test_run_folder import SMALL, fails_with_one_line, finished  # noqa: F401 (finished: a fixture used here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "6",
-         "--max-new-tokens", "4", "--eval-n", "4", "--eval-every", "0", "--lr", "0.05"]
-
-
-def fails_with_one_line(capsys, argv, code=2):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    err = [line for line in capsys.readouterr().err.strip().splitlines()
-           if "train.py" in line and not line.startswith(("train.py: warning", "train.py: step "))]
-    assert e.value.code == code and len(err) == 1 and err[0].startswith("train.py: error:"), (e.value.code, err)
-    return err[0]
-
-
-@pytest.fixture(scope="module")
-def finished(model_dir, tmp_path_factory):
-    """A 3-step run (checkpoint at step 3) on its own copy of the tiny model -> (run, model); tests copy the run."""
-    d = tmp_path_factory.mktemp("finished")
-    model = shutil.copytree(model_dir, d / "model")
-    assert train.main(["--model", str(model), "--out", str(d / "run"), *SMALL, "--steps", "3"]) == 0
-    return d / "run", model
 
 
 @pytest.fixture
@@ -227,42 +206,8 @@ def test_a_torn_last_metrics_record_is_dropped_and_redone(run, capsys):
     assert [r["from_step"] for r in resumes] == [1, 3]
 
 
-def fail_writes(monkeypatch, name, *modules, nth=1):
-    """open() in `modules` gives files named like `name`, opened for writing or appending, whose nth write stores half
-    of what it is given, then fails with ENOSPC (a full disk). Names of files opened by descriptor come from /proc."""
-    count = [0]
-
-    class Half:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            count[0] += 1
-            if count[0] < nth:
-                return self.f.write(data)
-            self.f.write(data[:len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, attr):
-            return getattr(self.f, attr)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def fake_open(path, mode="r", *a, **k):
-        f = builtins.open(path, mode, *a, **k)
-        real = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
-        return Half(f) if ("a" in mode or "w" in mode) and os.path.basename(real) == name else f
-    for m in modules:
-        monkeypatch.setattr(m, "open", fake_open, raising=False)
-
-
 def test_a_full_disk_during_a_metrics_append_names_the_checkpoint_and_stays_resumable(run, capsys, monkeypatch):
-    fail_writes(monkeypatch, "metrics.jsonl", train, run_folder, nth=2)     # the second record of the resumed run
+    fail_writes(monkeypatch, "metrics.jsonl", train, run_folder, nth=2, exact=True)     # the second record of the resumed run
     before = (run / "metrics.jsonl").read_text()
     kept = "".join(line for line in before.splitlines(keepends=True) if json.loads(line)["step"] < 3)
     line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "6"], code=1)

@@ -1,7 +1,6 @@
 """A run folder nobody can corrupt (issue 17): provenance (code version, base model identity, portable paths), one
 writer per folder, no write outside a fresh or own run folder, no non-finite checkpoint, no silent no-op training,
 one-line errors and atomic files. Runs use a tiny random Llama and 2-3 steps, mostly in-process (train.main)."""
-import builtins
 import dataclasses
 import errno
 import fcntl
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import guards
+from conftest import fail_writes
 import run_folder
 import train
 
@@ -437,44 +437,12 @@ def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # 8. Atomic writes: a reader finds the old file or the new one, never a part
 # ---------------------------------------------------------------------------------------------------------
-def full_disk_on(monkeypatch, name, *modules):
-    """open() in `modules` gives files named like `name` whose first write stores half of its text, then fails (a file
-    opened by descriptor, as write_atomic and open_nofollow do, is named by /proc/self/fd)."""
-    class Half:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            self.f.write(text[:len(text) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def writelines(self, lines):
-            self.write("".join(lines))
-
-        def __getattr__(self, attr):
-            return getattr(self.f, attr)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def fake_open(path, mode="r", *a, **k):
-        f = builtins.open(path, mode, *a, **k)
-        real = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
-        return Half(f) if "w" in mode and name in os.path.basename(real) else f
-    for m in modules:
-        monkeypatch.setattr(m, "open", fake_open, raising=False)
-
-
 @pytest.mark.parametrize("name", ["config.json", "metrics.jsonl"])
 def test_a_failed_write_on_resume_leaves_config_and_metrics_whole(finished, tmp_path, capsys, monkeypatch, name):
     """A resume rewrites config.json, then metrics.jsonl (dropping what followed the checkpoint: the final eval)."""
     out = shutil.copytree(finished[0], tmp_path / "run")
     before = (out / name).read_text()
-    full_disk_on(monkeypatch, name, train, run_folder)
+    fail_writes(monkeypatch, name, train, run_folder)
     line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "4"])
     assert "No space left on device" in line
     assert (out / name).read_text() == before and not list(out.glob("*.tmp"))   # the old file, whole
@@ -486,7 +454,7 @@ def test_a_failed_write_leaves_the_eval_result_whole(model_dir, tmp_path, monkey
             "--bootstrap", "20", "--out", str(tmp_path / "eval.json")]
     ev.run_eval(ev.resolve(ev.parse_args(fast)))
     before = (tmp_path / "eval.json").read_text()
-    full_disk_on(monkeypatch, "eval.json", ev, run_folder)
+    fail_writes(monkeypatch, "eval.json", ev, run_folder)
     with pytest.raises(OSError):
         ev.run_eval(ev.resolve(ev.parse_args(fast)))
     assert (tmp_path / "eval.json").read_text() == before and os.listdir(tmp_path) == ["eval.json"]

@@ -17,7 +17,7 @@ average, from its running maximum). A study is one code version: every run recor
 (train.py's config.json), and comedy.py refuses to add runs to, or summarise, a study that mixes commits.
 
 Commands
-  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1.0} × 6 seeds, 2 jobs (docs/toy-study.md)
+  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1} × 6 seeds (docs/toy-study.md)
   python comedy.py --setup smollm2      # the real-model study (docs/real-model.md; ~30 CPU-hours)
   python comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
   python comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
@@ -293,8 +293,8 @@ def claims(recs, betas):
     reward_dd = {hi: beta_effect(recs, "k1-in-reward", lo, hi, "reward_drop") for hi in his}
     tests = []  # (claim, at, kind, sign: +1 when the paper's side is a positive difference, margin, diffs, what)
     for b in every:
-        tests.append(("K3-in-reward collapses: its final greedy accuracy falls below no-KL's", f"β = {b:g}", "direction",
-                      -1, "accuracy", paired_diff(recs, "k3-in-reward", "none", "in_greedy", [b]),
+        tests.append(("K3-in-reward collapses: its final greedy accuracy falls below no-KL's", f"β = {b:g}",
+                      "direction", -1, "accuracy", paired_diff(recs, "k3-in-reward", "none", "in_greedy", [b]),
                       "k3-in-reward − none, in domain"))
     for hi in his:     # a difference in differences: k1-in-loss's β effect beyond k1-in-reward's own
         tests.append(("K1-in-loss becomes unstable as β grows: its largest training-reward drop grows more than "

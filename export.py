@@ -65,7 +65,8 @@ def _fix(engine, c, G):
     if engine == "verl" and c["kl_level"] == "token":
         return dict(kl_level="sequence"), "same expected gradient, higher variance (verl has no reward-to-go KL)"
     if engine == "openrlhf" and place == "reward" and c["kl_level"] == "sequence":
-        return dict(kl_level="token"), "same expected gradient, lower variance (OpenRLHF's is always reward-to-go)"
+        return dict(kl_level="token"), ("same expected gradient, usually lower variance (OpenRLHF's is always "
+                                        "reward-to-go)")
     if engine != "trl":
         return None
     if place == "reward" and est != "k1":
@@ -323,6 +324,9 @@ def _trl(cfg):
     return [], "\n".join(lines), notes
 
 
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}   # real_model.py's short names -> their hub ids
+
+
 def export(cfg, engine):
     """The text to print for `engine` (one of ENGINES): command or snippet, then the unavoidable differences."""
     if engine not in ENGINES:
@@ -334,9 +338,15 @@ def export(cfg, engine):
                 raise ExportError(f"--{f.name.replace('_', '-')} {v!r} holds a line break or another control "
                                   f"character; a pasted command would run what follows it")
     check(engine, cfg)
+    ours_model = cfg.model
+    if cfg.model in HUB_IDS:                            # our short name means nothing to another engine
+        cfg = dataclasses.replace(cfg, model=HUB_IDS[cfg.model])
     head, body, notes = {"verl": _verl, "openrlhf": _openrlhf, "trl": _trl}[engine](cfg)
+    if ours_model in HUB_IDS:
+        notes = [f"--model {ours_model} is kl-rl's local conversion of {HUB_IDS[ours_model]} (real_model.py: its "
+                 "weights dequantised from a 4-bit GGUF); the command above loads the hub's original weights"] + notes
     q = shlex.quote                                     # every string as a shell reads it back
-    ours = (f"--model {q(cfg.model)} --task {q(cfg.task)} --kl {q(cfg.kl)} --kl-level {q(cfg.kl_level)} --kl-is "
+    ours = (f"--model {q(ours_model)} --task {q(cfg.task)} --kl {q(cfg.kl)} --kl-level {q(cfg.kl_level)} --kl-is "
             f"{q(cfg.kl_is)} --beta {cfg.beta:g} --adv {q(cfg.adv)} --group-size {cfg.group_size} --prompts-per-step "
             f"{cfg.prompts_per_step} --steps {cfg.steps} --lr {cfg.lr:g} --max-new-tokens {cfg.max_new_tokens}")
     top = [f"# {NAME[engine]} version of: python train.py {ours}"] + head

@@ -320,3 +320,16 @@ def test_line_breaks_in_strings_are_refused(field, bad):
     for engine in export.ENGINES:
         with pytest.raises(export.ExportError, match=f"--{field.replace('_', '-')} .* line break"):
             export.export(dataclasses.replace(c, kl_level="token" if engine == "openrlhf" else "sequence"), engine)
+
+
+@pytest.mark.parametrize("engine", ["verl", "openrlhf", "trl"])
+def test_our_short_model_name_exports_as_its_hub_id(engine):
+    """`--model smollm2-135m` names this project's local conversion; another engine gets the hub id, and a note says
+    the weights differ (issue 28: the exported command named a model only kl-rl knows, uncommented)."""
+    level = ["--kl-level", "token"] if engine == "openrlhf" else []          # OpenRLHF's KL is always reward-to-go
+    text = export.export(train.parse_config(["--preset", "smollm2-cpu", *level]), engine)
+    body = [line for line in text.splitlines() if not line.startswith("#")]
+    assert any("HuggingFaceTB/SmolLM2-135M-Instruct" in line for line in body)
+    assert not any("smollm2-135m" in line for line in body)
+    assert "--model smollm2-135m" in text.splitlines()[0]              # our own command, as the user wrote it
+    assert "local conversion of HuggingFaceTB/SmolLM2-135M-Instruct" in text

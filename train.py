@@ -282,10 +282,14 @@ def evaluate(model, tok, cfg, held_out, step):
         rec = {"type": "eval", "step": step, "task": name, "n": len(rows)}
         prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in rows]
         for mode in cfg.eval_modes:
+            t0 = time.time()
             ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
                          seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
             rec[f"{mode}_acc"] = sum(reward(name, t, ex) > 0.5 for t, ex in zip(ro["texts"], rows)) / len(rows)
             rec[f"{mode}_len"] = ro["completion_mask"].sum(1).mean().item()
+            # a held-out evaluation of a real model takes minutes: never silent, in a terminal or a log file
+            print(f"train.py: step {step} held-out {name} {mode} accuracy {rec[f'{mode}_acc']:.3f} ({len(rows)} "
+                  f"problems, {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         records.append(rec)
     return records
 

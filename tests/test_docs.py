@@ -152,4 +152,4 @@ def test_every_test_the_docs_cite_exists():
     for path in glob.glob(os.path.join(ROOT, "tests", "test_*.py")):
         with open(path, encoding="utf-8") as f:
             defined |= set(re.findall(r"^def (test_[a-z0-9_]+)\(", f.read(), flags=re.M))
-    assert len(cited) >= 10 and cited <= defined, sorted(cited - defined)
+    assert len(cited) >= 5 and cited <= defined, sorted(cited - defined)

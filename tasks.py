@@ -216,6 +216,8 @@ MAX_DATA_BYTES = 256 << 20  # a local data file is held in memory: 256 MiB (MATH
 MAX_LINE_BYTES = 1 << 20    # one JSONL row (a MATH row is ~2 KB)
 MAX_ROWS = 100_000          # rows of a data file: 500k rows of 42 B cost 3.3 GB and 35 s as Python dicts (MATH: 7.5k)
 MAX_QUESTION_CHARS = 64 << 10   # one question (a MATH problem is ~0.2-2 KB; 1 MiB prompts cost 3 GB to tokenise)
+MAX_JSON_LIST_BYTES = 32 << 20  # a .json list is parsed whole before its rows can be counted: ~150 B of Python objects
+                                # per byte of small rows, so 32 MiB (MATH as one list: ~10 MB); larger: write JSONL
 
 
 def _read_file(name, src):
@@ -240,6 +242,10 @@ def _read_file(name, src):
             return f.read().to_pylist()
         with open(src, "rb") as f:
             if src.lower().endswith(".json") and f.read(1 << 16).lstrip().startswith(b"["):
+                if size > MAX_JSON_LIST_BYTES:             # the row cap cannot act before the whole list is parsed
+                    raise TaskError(f"{name}: {src} is one JSON list of {size:,} bytes, over the limit of "
+                                    f"{MAX_JSON_LIST_BYTES:,} for a list (tasks.MAX_JSON_LIST_BYTES); write it as "
+                                    f"JSONL (one row per line), which is read row by row")
                 f.seek(0)
                 rows = json.loads(f.read())                # one JSON list of rows
                 if isinstance(rows, list) and len(rows) > MAX_ROWS:

@@ -434,6 +434,21 @@ def test_a_data_file_over_the_row_cap_is_refused_while_streaming(tmp_path):
         tasks.load_task("math", "train", path=str(path))
 
 
+def test_a_large_json_list_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """A .json list is parsed whole before the row cap can count it (issue 26.8: 500k rows cost 3.3 GB): over
+    MAX_JSON_LIST_BYTES it is refused unparsed, with the way out (JSONL); a small list still loads."""
+    import tasks
+    monkeypatch.setattr(tasks, "MAX_JSON_LIST_BYTES", 4096)
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("parsed"))   # refused before any parsing
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"problem": "1+1?", "answer": "2"}] * 200))
+    with pytest.raises(tasks.TaskError, match="one JSON list of .* write it as JSONL"):
+        tasks.load_task("math", "train", path=str(path))
+    monkeypatch.undo()
+    path.write_text(json.dumps([{"problem": "1+1?", "answer": "2"}] * 3))
+    assert len(tasks.load_task("math", "train", path=str(path))) == 3
+
+
 def test_a_question_over_the_length_cap_is_refused_before_tokenising(tmp_path):
     import tasks
     path = tmp_path / "long.jsonl"

@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 
@@ -78,6 +79,7 @@ def machine():
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
+SAMPLES, SAMPLE_BYTES = 16, 4096          # legacy_identity: the sampled fingerprint of runs started before full hashing
 
 
 def model_folder(model):
@@ -111,6 +113,38 @@ def model_identity(model):
             if name in MODEL_FILES or name.endswith(WEIGHT_FILES):
                 h.update(f"{name}\0{file_digest(os.path.join(folder, name))}\0".encode())
     except OSError:                                          # an unreadable file: no identity, not a crash
+        return None
+    return h.hexdigest()[:16]
+
+
+def legacy_identity(model):
+    """The model_id that runs started before full hashing recorded (until 8d6a27b): the sha256 of the config and
+    tokenizer files whole and, of each weight file, its name, size, safetensors header and 16 evenly spaced 4 KiB
+    samples. Kept so that those runs stay resumable: a resume accepts either identity (train.start_run)."""
+    folder = model_folder(model)
+    if not folder:
+        return None
+    h = hashlib.sha256()
+    try:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name in MODEL_FILES or name.endswith(WEIGHT_FILES):
+                h.update(f"{name}\0{os.path.getsize(path)}\0".encode())
+            if name in MODEL_FILES or name.endswith(".index.json"):
+                with open(path, "rb") as f:
+                    h.update(f.read())
+            elif name.endswith(WEIGHT_FILES):
+                size = os.path.getsize(path)
+                with open(path, "rb") as f:
+                    start = 0
+                    if name.endswith(".safetensors") and size >= 8:
+                        n = struct.unpack("<Q", f.read(8))[0]      # safetensors: 8-byte length, then a JSON header
+                        h.update(f.read(min(n, 100_000_000)))
+                        start = 8 + n
+                    for k in range(SAMPLES):
+                        f.seek(start + k * max(0, size - start - SAMPLE_BYTES) // (SAMPLES - 1))
+                        h.update(f.read(SAMPLE_BYTES))
+    except (OSError, struct.error):
         return None
     return h.hexdigest()[:16]
 

@@ -55,9 +55,10 @@ from estimators import KL_CONFIGS, KL_IS, LEVELS
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
 from guards import (RESUMABLE, Log, check_config, check_out, eval_files, finite_sampling, first_nonfinite,
                     resumable_config, same, save, shown, stop_on_signals, zero_gradient)
-from run_folder import (append_record, at, checkpoint_dir, code_version, last_checkpoint, local, lock_run, machine,
-                        max_lora_rank, metrics_until, model_identity, one_line, portable, read_adapter_config, read_json,
-                        read_state, release_run, report, restore, write_atomic)
+from run_folder import (append_record, at, checkpoint_dir, code_version, last_checkpoint, legacy_identity, local,
+                        lock_run, machine, max_lora_rank, metrics_until, model_identity, one_line, portable,
+                        read_adapter_config, read_json, read_records, read_state, release_run, report, restore,
+                        write_atomic)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -314,11 +315,12 @@ def start_run(cfg, argv):
         if state:                                            # provenance is written once, when the run starts
             saved = read_json(at(out, "config.json"))
             provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id", "machine")}
-            now = model_identity(cfg.model)
-            if provenance["model_id"] and now != provenance["model_id"]:
+            now = model_identity(cfg.model)                  # a run started before full hashing has the sampled id
+            if provenance["model_id"] and provenance["model_id"] not in (now, legacy_identity(cfg.model)):
                 raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
                                  f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
             kept = metrics_until(out, state["step"])        # a corrupt metrics.jsonl refuses before anything is written
+            read_records(at(out, "resumes.jsonl"), shown=os.path.join(out, "resumes.jsonl"))   # so does resumes.jsonl
         torch.manual_seed(cfg.seed)                          # LoRA initialisation
         try:
             model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
@@ -337,12 +339,17 @@ def start_run(cfg, argv):
     stored = {**asdict(cfg), "out": out, **provenance}
     stored.update({k: portable(stored[k]) for k in PATHS})
     stored["eval_data"] = eval_files(cfg.eval_data, portable)
-    write_atomic(at(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
-    if state:                                                # every resume is on record, with the flags and code it had
-        append_record(out, "resumes.jsonl", {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
-                                             "argv": list(sys.argv[1:] if argv is None else argv),
-                                             "code_commit": commit, "code_dirty": dirty, "machine": machine()})
-        write_atomic(at(out, "metrics.jsonl"), kept)        # what followed the checkpoint is dropped and redone
+    try:                                                     # a full disk here: one line, the checkpoint intact
+        write_atomic(at(out, "config.json"), json.dumps(stored, indent=2))   # readers trust it whole
+        if state:
+            write_atomic(at(out, "metrics.jsonl"), kept)    # what followed the checkpoint is dropped and redone
+            append_record(out, "resumes.jsonl", {           # every resume is on record, last: only one that started
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_step": state["step"],
+                "argv": list(sys.argv[1:] if argv is None else argv), "code_commit": commit, "code_dirty": dirty,
+                "machine": machine()})
+    except OSError as e:
+        print(f"train.py: error: {one_line(e)}; {last_checkpoint(out)}", file=sys.stderr)
+        sys.exit(1)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)

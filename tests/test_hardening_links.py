@@ -185,6 +185,27 @@ def test_a_failed_resume_writes_nothing(run, capsys):
     assert os.stat(run / "config.json").st_mtime_ns == mtime
 
 
+def test_a_corrupt_resumes_jsonl_refuses_before_config_json_is_rewritten(run, capsys):
+    """A resume that will be refused for resumes.jsonl (a corrupt middle line) writes nothing: config.json keeps
+    its --steps (it was rewritten with the new flags before resumes.jsonl was read)."""
+    (run / "resumes.jsonl").write_text('{"from_step": 1}\nGARBAGE\n{"from_step": 2}\n')
+    before = (run / "config.json").read_bytes()
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "6"])
+    assert "resumes.jsonl: line 2" in line and (run / "config.json").read_bytes() == before
+
+
+def test_a_run_from_before_full_hashing_still_resumes(run, finished, capsys):
+    """Runs started before model_id hashed every byte recorded the sampled fingerprint; they stay resumable against
+    the same model (run_folder.legacy_identity), and another model is still refused."""
+    cfg = json.loads((run / "config.json").read_text())
+    legacy = run_folder.legacy_identity(cfg["model"])
+    assert legacy and legacy != cfg["model_id"]
+    (run / "config.json").write_text(json.dumps({**cfg, "model_id": legacy}))
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0
+    (run / "config.json").write_text(json.dumps({**cfg, "model_id": "0" * 16}))
+    assert "another model" in fails_with_one_line(capsys, ["--resume", str(run), "--steps", "5"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6. Torn records are recovered; a full disk loses nothing and leaves no temporary file
 # ---------------------------------------------------------------------------------------------------------

@@ -439,13 +439,16 @@ def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["config.json", "metrics.jsonl"])
 def test_a_failed_write_on_resume_leaves_config_and_metrics_whole(finished, tmp_path, capsys, monkeypatch, name):
-    """A resume rewrites config.json, then metrics.jsonl (dropping what followed the checkpoint: the final eval)."""
+    """A resume rewrites config.json, then metrics.jsonl (dropping what followed the checkpoint: the final eval), and
+    appends to resumes.jsonl last. A full disk there: one line naming the intact checkpoint (exit 1, a runtime failure,
+    not a usage error), the old file whole, no record of a resume that never ran."""
     out = shutil.copytree(finished[0], tmp_path / "run")
     before = (out / name).read_text()
     fail_writes(monkeypatch, name, train, run_folder)
-    line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "4"])
-    assert "No space left on device" in line
+    line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "4"], code=1)
+    assert "No space left on device" in line and "last good checkpoint" in line and "(step 3)" in line
     assert (out / name).read_text() == before and not list(out.glob("*.tmp"))   # the old file, whole
+    assert not (out / "resumes.jsonl").exists()
 
 
 def test_a_failed_write_leaves_the_eval_result_whole(model_dir, tmp_path, monkeypatch):

@@ -177,9 +177,9 @@ def die_with_parent():
         pass
 
 
-def _no_link(path, what="file"):
-    """ValueError (one line) if `path` is a symbolic link or a file with other names (hard links): writing it would
-    change a file outside the folder (`ln -s ~/victim run/.lock` once made the victim hold a PID)."""
+def _no_link(path, what="file", hard=True):
+    """ValueError (one line) if `path` is a symbolic link or (hard) a file with other names (hard links): writing it
+    in place would change a file outside the folder (`ln -s ~/victim run/.lock` once made the victim hold a PID)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -187,19 +187,20 @@ def _no_link(path, what="file"):
     if stat.S_ISLNK(st.st_mode):
         raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)}); a {what} is written in place, never "
                          f"through a link: remove the link")
-    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+    if hard and not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
         raise ValueError(f"{path} has {st.st_nlink - 1} other name(s) (hard links) that writing it would change too; "
                          f"remove it or make it a plain copy")
 
 
 RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics.png", "resumes.jsonl", "checkpoint", "checkpoint.tmp",
              "checkpoint.old")                              # every name train.py writes in a run folder
+IN_PLACE = (".lock", "metrics.jsonl")  # written in place (the rest by rename, which breaks a hard link: a `cp -al` copy)
 
 
 def check_links(folder, names=RUN_FILES, what="run folder's file"):
     """Refuse (ValueError, one line) a folder holding a symbolic link or a multiply-linked file where a tool writes."""
     for name in names:
-        _no_link(os.path.join(folder, name), what)
+        _no_link(os.path.join(folder, name), what, hard=name in IN_PLACE)
 
 
 def open_nofollow(path, mode="r", buffering=-1):

@@ -65,13 +65,29 @@ def test_a_run_file_linked_elsewhere_refuses_the_resume_and_the_victim_is_kept(r
     assert v.read_text() == "precious\n"
 
 
-@pytest.mark.parametrize("name", ["metrics.png", "resumes.jsonl"])
-def test_a_hard_linked_run_file_refuses_the_resume(run, tmp_path, capsys, name):
-    v = victim(tmp_path)
-    (run / name).unlink(missing_ok=True)
-    os.link(v, run / name)
-    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
-    assert "hard link" in line and name in line and v.read_text() == "precious\n"
+@pytest.mark.parametrize("name", ["metrics.png", "resumes.jsonl", "config.json"])
+def test_a_hard_linked_copy_resumes_and_its_other_name_is_kept(run, tmp_path, name):
+    """A file train.py replaces by rename (not in place) may have other names, as in a `cp -al` / `rsync --link-dest`
+    copy of a run: the rename breaks the link, so the resume goes on and the other name keeps its content."""
+    other = tmp_path / "other-name"
+    os.link(run / name, other) if (run / name).exists() else other.write_text('{"from_step": 1}\n')
+    if not (run / name).exists():
+        os.link(other, run / name)
+    before = other.read_bytes()
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0
+    assert other.read_bytes() == before and os.stat(other).st_nlink == 1
+
+
+def test_a_hard_linked_metrics_jsonl_of_a_fresh_run_is_refused(model_dir, tmp_path, capsys):
+    """metrics.jsonl is written in place: an (empty) file with another name there is refused before anything is
+    written into it, so the other name never receives a run's records."""
+    out, v = tmp_path / "r", tmp_path / "empty-victim"
+    out.mkdir()
+    v.write_text("")
+    os.link(v, out / "metrics.jsonl")
+    with pytest.raises(SystemExit):
+        train.main(["--model", model_dir, "--out", str(out), *SMALL])
+    assert "hard link" in capsys.readouterr().err and v.read_text() == ""
 
 
 def test_a_checkpoint_tmp_link_to_a_folder_is_never_written_into(run, tmp_path, capsys):

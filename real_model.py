@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 
@@ -79,33 +78,14 @@ def _alive(pid):
 def _complete(out, spec):
     """The converted folder is whole and unchanged: the marker names the tested source, and the weights' sha256
     equals the one recorded at conversion (file_digest: read once, then cached by size + mtime + inode). A marker
-    from before weights were recorded gets their digest added if the file is structurally whole (its safetensors
-    header's tensors fill it exactly), rather than a re-conversion under a study that is reading the folder."""
-    weights = os.path.join(out, "model.safetensors")
+    from before weights were recorded is not complete: nothing vouches for its weights (a same-size corruption would
+    pass any structural check), so it is converted again, once."""
     try:
         marker = json.load(open(os.path.join(out, MARKER)))
-        if not (isinstance(marker, dict) and marker.get("sha256") == spec["sha256"]):
-            return False
-        if "weights_sha256" not in marker:
-            if not _whole_safetensors(weights):
-                return False
-            marker["weights_sha256"] = file_digest(weights)
-            from run_folder import write_atomic
-            write_atomic(os.path.join(out, MARKER), json.dumps(marker, indent=2))
-        return file_digest(weights) == marker["weights_sha256"]
+        return (isinstance(marker, dict) and marker.get("sha256") == spec["sha256"] and "weights_sha256" in marker
+                and file_digest(os.path.join(out, "model.safetensors")) == marker["weights_sha256"])
     except (OSError, ValueError):
         return False
-
-
-def _whole_safetensors(path):
-    """Whether a safetensors file is exactly its header plus the data its header describes (not truncated)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        if n > 100_000_000:
-            return False
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return os.path.getsize(path) == 8 + n + end
 
 
 def file_digest(path):
@@ -181,13 +161,17 @@ def convert(name, out, quiet=False):
     model.generation_config.pad_token_id = tok.pad_token_id
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, MARKER), "w") as fh:                # the weights' digest: checked at every use
-        json.dump({"name": name, "source": f, "sha256": digest, "parameters": n,
-                   "weights_sha256": file_digest(os.path.join(tmp, "model.safetensors"))}, fh, indent=2)
-    shutil.rmtree(out, ignore_errors=True)                    # an incomplete earlier attempt
-    os.replace(tmp, out)
+    try:                                                      # a failed save (a full disk) leaves no 538 MB behind
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as fh:            # the weights' digest: checked at every use
+            json.dump({"name": name, "source": f, "sha256": digest, "parameters": n,
+                       "weights_sha256": file_digest(os.path.join(tmp, "model.safetensors"))}, fh, indent=2)
+        shutil.rmtree(out, ignore_errors=True)                # an incomplete earlier attempt
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not quiet:
         print(f"real_model.py: converted in {time.time() - t0:.0f} s", file=sys.stderr)
 

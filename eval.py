@@ -223,13 +223,14 @@ def resolve(args):
 def check_out(path):
     """--out may be a new file or an earlier eval.py result, never another file (a model's or a run's config.json:
     the model no longer loaded) and never a symbolic link."""
-    from run_folder import read_json
+    from run_folder import open_nofollow
     if os.path.islink(path):
         die(f"--out {path} is a symbolic link; pick a plain file name")
     if os.path.exists(path):
-        try:
-            check_result(read_json(path))
-        except (AssertionError, KeyError, TypeError, IndexError, AttributeError):
+        try:                # read whole, as --compare reads it: an earlier result of any size (a long MATH eval) is ours
+            with open_nofollow(path, "rb") as f:
+                check_result(json.load(f))
+        except (OSError, ValueError, RecursionError, AssertionError, KeyError, TypeError, IndexError, AttributeError):
             die(f"--out {path} exists and is not an eval.py result (it would be overwritten); pick another --out")
 
 

@@ -414,6 +414,18 @@ def test_eval_out_never_overwrites_a_file_that_is_not_an_eval_result(model_dir, 
     assert e.value.code == 2 and (model / "config.json").read_bytes() == before
 
 
+def test_eval_out_accepts_its_own_earlier_result_of_any_size(model_dir, tmp_path):
+    """An earlier eval.py result may be overwritten whatever its size (a long MATH evaluation passes 64 MiB): the check
+    reads it whole as --compare does, not through the 64 MiB bound for JSON handed to the tools."""
+    import eval as ev
+    fast = ["--model", model_dir, "--tasks", "arith", "--samples", "1", "--limit", "2", "--max-new-tokens", "2",
+            "--bootstrap", "10", "--out", str(tmp_path / "r.json")]
+    ev.run_eval(ev.resolve(ev.parse_args(fast)))
+    with open(tmp_path / "r.json", "a") as f:                       # still the same JSON value, 65 MiB long
+        f.write(" " * (65 << 20))
+    ev.resolve(ev.parse_args(fast))                                  # no SystemExit: the result may be redone
+
+
 def test_eval_bootstrap_0_is_refused_before_evaluating(model_dir, tmp_path, capsys):
     import eval as ev
     with pytest.raises(SystemExit) as e:

@@ -417,10 +417,10 @@ def save_checkpoint(out, model, optimizer, step, snapshots):
         with contextlib.suppress(OSError):
             _remove(tmp)                                     # give back what the partial write took
         raise
-    _remove(old)
     if os.path.isdir(final) and not os.path.islink(final):
+        _remove(old)                                         # final is whole: the one before it may go
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(tmp, final)                                   # (resumed from checkpoint.old: it stays until here)
     _remove(old)
 
 

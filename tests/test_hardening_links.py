@@ -201,6 +201,22 @@ def test_a_failed_resume_writes_nothing(run, capsys):
     assert os.stat(run / "config.json").st_mtime_ns == mtime
 
 
+def test_a_resumable_checkpoint_exists_at_every_moment_of_a_save(run, monkeypatch):
+    """Resumed from checkpoint.old (a crash between the two renames of a save), the next save must not remove
+    checkpoint.old before its new checkpoint is in place: at every rename, a resumable checkpoint exists."""
+    os.replace(run / "checkpoint", run / "checkpoint.old")
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        if str(src).endswith("checkpoint.tmp"):
+            seen.append((run / "checkpoint").is_dir() or (run / "checkpoint.old").is_dir())
+        return real_replace(src, dst)
+    monkeypatch.setattr(run_folder.os, "replace", replace)
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0
+    monkeypatch.undo()
+    assert seen and all(seen) and (run / "checkpoint").is_dir() and not (run / "checkpoint.old").exists()
+
+
 def test_a_corrupt_resumes_jsonl_refuses_before_config_json_is_rewritten(run, capsys):
     """A resume that will be refused for resumes.jsonl (a corrupt middle line) writes nothing: config.json keeps
     its --steps (it was rewritten with the new flags before resumes.jsonl was read)."""

@@ -103,14 +103,19 @@ def load(spec):
     if not os.path.isfile(path):
         raise AuditError(f"{path}: no such file")
     folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
+    added = folder not in sys.path
+    if added:
         sys.path.insert(0, folder)                                              # its own sibling imports work
     module_name = "audited_" + os.path.splitext(os.path.basename(path))[0]
     try:
         module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name, path))
+        sys.modules[module_name] = module           # as an import does: dataclasses with future annotations need it
         module.__spec__.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:            # sys.exit() in the file must not end the audit with exit 0
         raise AuditError(f"importing {path} raised {type(e).__name__}: {e}") from e
+    finally:
+        if added:
+            sys.path.remove(folder)
     fn = getattr(module, name, None)
     if not callable(fn):
         raise AuditError(f"{path} has no function {name!r}")
@@ -130,7 +135,7 @@ def call(fn, args, kwargs, what):
         pass
     try:
         return fn(*args, **kwargs)
-    except Exception as e:
+    except (Exception, SystemExit) as e:            # sys.exit() in user code: exit 2, never a silent exit 0
         raise AuditError(f"{label} raised {type(e).__name__}: {e}") from e
 
 
@@ -220,6 +225,9 @@ def loss_grad(fn, inst, beta, group_size):
 # ---------------------------------------------------------------------------------------------------------
 def verdict(grads, insts, beta, grads_2beta):
     """grads: E[ĝ] per seed at β; grads_2beta: at 2β (first seed). -> the result dict."""
+    if not all(torch.isfinite(g).all() for g in [*grads, grads_2beta]):   # e.g. torch.where's NaN gradient trap
+        raise AuditError("the code's gradient is not finite on the toy policies (a NaN or inf in E[ĝ]); a value "
+                         "can be finite while its gradient is not, as with torch.where over a sqrt or log")
     size = [(g.norm() / (beta * i["named"]["reverse-kl"].norm())).item() for g, i in zip(grads, insts)]
     cosines = {n: [cos(g, i["named"][n]) if g.norm() > 0 else 0.0 for g, i in zip(grads, insts)] for n in NAMED}
     if max(size) < ZERO_TOL:
@@ -234,7 +242,8 @@ def verdict(grads, insts, beta, grads_2beta):
     nonzero = gradient != "zero"                       # a zero gradient has no size to respond with
     return {"gradient": gradient, "nearest": nearest, "cosine": cosine, "scale": scale, "value_bias": None,
             "beta_responsive": nonzero and (grads_2beta - grads[0]).norm().item() >= 0.1 * grads[0].norm().item(),
-            "beta_exponent": math.log2(grads_2beta.norm() / grads[0].norm()) if nonzero else None,
+            "beta_exponent": math.log2(grads_2beta.norm() / grads[0].norm()) if nonzero and grads_2beta.norm() > 0
+            else None,
             "cosines": cosines, "size": size, "kl": [i["kl"] for i in insts], "seeds": list(SEEDS), "beta": beta}
 
 
@@ -322,8 +331,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.estimator and not args.placement:
         ap.error("--estimator needs --placement {reward,loss,both}")
-    if args.loss and (args.placement or args.level != "sequence" or args.kl_is != "none"):
-        ap.error("--placement, --level and --kl-is describe an --estimator; a --loss places its KL itself")
+    if args.loss and (args.placement or args.level != "sequence" or args.kl_is != "none"
+                      or args.kl_is_clip != math.inf):
+        ap.error("--placement, --level, --kl-is and --kl-is-clip describe an --estimator; a --loss places its KL itself")
+    if args.estimator and args.group_size != 3:
+        ap.error("--group-size is for a --loss (an --estimator's expectation needs no groups)")
     if not (args.beta > 0 and math.isfinite(args.beta)):
         ap.error(f"--beta must be a positive number, got {args.beta}")
     torch.set_num_threads(1)                                  # tiny tensors

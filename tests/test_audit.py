@@ -273,3 +273,54 @@ def test_cli_wrong_signature_exits_2_with_one_line(user):
                        text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "wrong signature" in r.stderr
+
+
+def test_user_code_that_exits_or_hides_a_nan_gradient_is_an_error_not_a_verdict(tmp_path):
+    """Review findings: sys.exit() in the user's code ended the audit with exit 0 and no output (CI's --expect
+    bypassed); a finite estimate whose gradient is NaN (torch.where over a sqrt) got the verdict 'other'; a file
+    with future annotations and a dataclass failed to import; a gradient that vanishes at 2β crashed (log2 of 0)."""
+    (tmp_path / "odd.py").write_text(textwrap.dedent('''
+        from __future__ import annotations
+        import dataclasses
+        import sys
+        import torch
+
+        @dataclasses.dataclass
+        class Cfg:
+            beta: float = 0.1
+
+        def exits(logp, ref_logp):
+            sys.exit(0)
+
+        def nan_grad(logp, ref_logp):
+            d = logp - ref_logp
+            return torch.where(d > 1e9, (d - 1e10).sqrt(), d)
+
+        def k3(logp, ref_logp):
+            d = logp - ref_logp
+            return torch.expm1(-d) + d
+
+        def vanishes_at_2beta(logp, ref_logp, mask, rewards, group_size, beta):
+            d = logp - ref_logp
+            return (0.2 - beta) * ((torch.expm1(-d) + d) * mask).sum() / len(logp)
+    '''))
+    assert audit.audit_estimator(audit.load(f"{tmp_path}/odd.py:k3"), "loss")["gradient"] == "token-forward-kl"
+    with pytest.raises(audit.AuditError, match="raised SystemExit"):
+        audit.audit_estimator(audit.load(f"{tmp_path}/odd.py:exits"), "loss")
+    with pytest.raises(audit.AuditError, match="not finite"):
+        audit.audit_estimator(audit.load(f"{tmp_path}/odd.py:nan_grad"), "loss")
+    r = audit.audit_loss(audit.load(f"{tmp_path}/odd.py:vanishes_at_2beta"), beta=0.1)
+    assert r["beta_exponent"] is None and r["beta_responsive"] is True
+    assert str(tmp_path) not in sys.path                               # the user's folder is not left on sys.path
+    p = subprocess.run([sys.executable, "audit.py", "--estimator", f"{tmp_path}/odd.py:exits", "--placement", "loss",
+                        "--expect", "reverse-kl"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "SystemExit" in p.stderr
+
+
+def test_flags_of_the_other_mode_are_refused(capsys):
+    """A flag that the chosen mode would ignore is a usage error (exit 2), not silently dropped."""
+    for argv, message in ((["--loss", "x.py:f", "--kl-is-clip", "2"], "describe an --estimator"),
+                          (["--estimator", "x.py:f", "--placement", "loss", "--group-size", "2"], "is for a --loss")):
+        with pytest.raises(SystemExit) as e:
+            audit.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

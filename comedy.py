@@ -210,6 +210,18 @@ def paired_diff(recs, a, b, key, betas):
     return out
 
 
+def seed_means(recs, a, b, key, betas):
+    """{seed: mean over β of a − b}: the unit of a claim pooled over β is the seed, not the (β, seed) pair. Runs of one
+    seed share their LoRA initialisation, prompt stream and sampling seeds at every β, so its β-pairs are not
+    independent draws; a t-test over them would count each seed len(betas) times."""
+    per = {}
+    for beta in betas:
+        xa, xb = by_seed(recs, a, beta, key), by_seed(recs, b, beta, key)
+        for s in xa.keys() & xb.keys():
+            per.setdefault(s, []).append(xa[s] - xb[s])
+    return {s: sum(d) / len(d) for s, d in sorted(per.items())}
+
+
 def beta_effect(recs, arm, lo, hi, key):
     """{seed: value at β = hi − value at β = lo} of one arm, paired by seed."""
     xl, xh = by_seed(recs, arm, lo, key), by_seed(recs, arm, hi, key)
@@ -270,16 +282,17 @@ def holm_levels(ps, alpha=ALPHA):
     return levels
 
 
-def seeds_to_settle(kind, xs, margin, per_seed):
-    """For a claim left "cannot tell": the seeds (pairs / per_seed) at which the CI, at the measured mean and
-    spread, would exclude 0 or (when |mean| < δ) fit inside ±δ — whichever comes first; None when neither would."""
+def seeds_to_settle(kind, xs, margin):
+    """For a claim left "cannot tell": the seeds at which the CI, at the measured mean and spread, would decide it —
+    a direction: exclude 0, or (|mean| < δ) fit inside ±δ; a match: fit inside ±δ (|mean| < δ) or leave it (|mean| >
+    δ) — whichever comes first; None when none would (a mean on the margin)."""
     n, m = len(xs), sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    room = [abs(m)] if kind != "match" else []
+    room = [abs(m)] if kind != "match" else [abs(m) - margin]
     room += [margin - abs(m)] if abs(m) < margin else []
     for k in range(n + 1, 100 * n):
         if any(t_quantile(1 - ALPHA / 2, k - 1) * sd / math.sqrt(k) < r for r in room if r > 0):
-            return math.ceil(k / per_seed)
+            return k
     return None
 
 
@@ -288,7 +301,7 @@ def claims(recs, betas):
     claim, at, kind, margin, n, mean, half (95% CI half-width), p, verdict (the rule above at 95%), holm (the same
     rule at Holm's level for the claim, across this list), settle (seeds that would decide a "cannot tell")."""
     lo, his, every = min(betas), sorted(b for b in set(betas) if b > min(betas)), sorted(set(betas))
-    k1r_k3l = {t: paired_diff(recs, "k1-in-reward", "k3-in-loss", f"{t}_greedy", every) for t in ("in", "ood")}
+    k1r_k3l = {t: seed_means(recs, "k1-in-reward", "k3-in-loss", f"{t}_greedy", every) for t in ("in", "ood")}
     loss_dd = {hi: beta_effect(recs, "k1-in-loss", lo, hi, "reward_drop") for hi in his}
     reward_dd = {hi: beta_effect(recs, "k1-in-reward", lo, hi, "reward_drop") for hi in his}
     tests = []  # (claim, at, kind, sign: +1 when the paper's side is a positive difference, margin, diffs, what)
@@ -302,36 +315,39 @@ def claims(recs, betas):
                       [loss_dd[hi][s] - reward_dd[hi][s] for s in sorted(loss_dd[hi].keys() & reward_dd[hi].keys())],
                       f"(drop at β = {hi:g} − at β = {lo:g}), k1-in-loss − k1-in-reward"))
     tests += [
-        ("K3-in-loss is worse than K1-in-reward in domain", "every β", "direction", 1, "accuracy", k1r_k3l["in"],
-         "greedy accuracy, k1-in-reward − k3-in-loss"),
-        ("K3-in-loss is worse than K1-in-reward out of domain", "every β", "direction", 1, "accuracy", k1r_k3l["ood"],
-         "OOD greedy accuracy, k1-in-reward − k3-in-loss"),
+        ("K3-in-loss is worse than K1-in-reward in domain", "every β", "direction", 1, "accuracy",
+         list(k1r_k3l["in"].values()), "greedy accuracy, k1-in-reward − k3-in-loss"),
+        ("K3-in-loss is worse than K1-in-reward out of domain", "every β", "direction", 1, "accuracy",
+         list(k1r_k3l["ood"].values()), "OOD greedy accuracy, k1-in-reward − k3-in-loss"),
         ("... and the gap is largest out of domain", "every β", "direction", 1, "accuracy",
-         [o - i for o, i in zip(k1r_k3l["ood"], k1r_k3l["in"])], "OOD gap − in-domain gap"),
+         [k1r_k3l["ood"][s] - k1r_k3l["in"][s] for s in k1r_k3l["in"].keys() & k1r_k3l["ood"].keys()],
+         "OOD gap − in-domain gap"),
         ("K3-in-both matches K1-in-reward", "every β", "match", 0, "accuracy",
-         paired_diff(recs, "k3-in-both", "k1-in-reward", "in_greedy", every), "greedy accuracy, k3-in-both − k1-in-reward"),
+         list(seed_means(recs, "k3-in-both", "k1-in-reward", "in_greedy", every).values()),
+         "greedy accuracy, k3-in-both − k1-in-reward"),
     ]
     for hi in his:
         tests.append(("Lower β does better", f"β {lo:g} vs {hi:g}", "direction", 1, "accuracy",
                       [-d for _, d in sorted(beta_effect(recs, "k1-in-reward", lo, hi, "in_greedy").items())],
                       f"k1-in-reward greedy accuracy, β = {lo:g} − β = {hi:g}"))
     tests.append(("K3-in-loss keeps a higher entropy than K1-in-reward (forward-KL-like, mass-covering)", "every β",
-                  "direction", 1, "entropy", paired_diff(recs, "k3-in-loss", "k1-in-reward", "entropy", every),
+                  "direction", 1, "entropy",
+                  list(seed_means(recs, "k3-in-loss", "k1-in-reward", "entropy", every).values()),
                   "entropy (nats/token, last 10% of steps), k3-in-loss − k1-in-reward"))
-    out, seeds = [], len({r["seed"] for r in recs}) or 1
+    out = []
     for text, at, kind, sign, quantity, xs, what in tests:
         if not xs:
             continue
         margin = MARGINS[quantity]
         m, h = mean_ci(xs)
         out.append(dict(claim=text, at=at, kind=kind, sign=sign, margin=margin, n=len(xs), mean=m, half=h, what=what,
-                        p=p_value(kind, xs, margin, sign), xs=xs, per_seed=max(1, len(xs) / seeds)))
+                        p=p_value(kind, xs, margin, sign), xs=xs))
     for c, level in zip(out, holm_levels([c["p"] for c in out])):
         for key, lvl in (("verdict", 1 - ALPHA), ("holm", level)):
             m, h = mean_ci(c["xs"], lvl)
             s = c["sign"] or 1
             c[key] = verdict(c["kind"], s * m - h, s * m + h, c["margin"])
-        c["settle"] = seeds_to_settle(c["kind"], c["xs"], c["margin"], c["per_seed"]) \
+        c["settle"] = seeds_to_settle(c["kind"], c["xs"], c["margin"]) \
             if c["verdict"] == "cannot tell" and c["n"] > 1 else None
     return out
 
@@ -341,7 +357,7 @@ def claim_row(c):
     settle = f"; ~{c['settle']} seeds would settle it" if c["settle"] else ""
     p = "n/a" if math.isnan(c["p"]) else f"{c['p']:.2g}"
     return (f"| {c['claim']} | {c['at']} | ±{c['margin']:g} | **{c['verdict']}** | {c['holm']} | "
-            f"{c['mean']:+.3f} ± {c['half']:.3f} ({c['what']}; {c['n']} pairs, p = {p}{settle}) |")
+            f"{c['mean']:+.3f} ± {c['half']:.3f} ({c['what']}; {c['n']} seeds, p = {p}{settle}) |")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +399,9 @@ def summary(recs, args, base, command, wall):
               "claims) | mean ± 95% CI half-width of the paired difference |", "|---|---|---|---|---|---|"]
     lines += [claim_row(c) for c in found]
     lines += ["", "Verdict rule (one rule; the first line that applies): with [lo, hi] the 95% t-interval (exact t "
-              "quantiles, df = pairs − 1) of the paired difference, oriented so the paper's side is positive, and δ the "
+              "quantiles, df = seeds − 1) of the paired difference (per seed; for a claim over every β, each seed's mean over "
+              "β: one seed's runs share initialisation and sampling seeds at every β), oriented so the paper's side is "
+              "positive, and δ the "
               "claim's margin (fixed in comedy.MARGINS before the data: " + ", ".join(f"{k} {v:g}" for k, v in
               MARGINS.items()) + "): a claimed direction **holds** if lo > 0 and hi ≥ δ; **holds, but smaller than "
               "the margin** if lo > 0 and hi < δ (significant, not practical); **does not hold: the opposite** if "
@@ -391,7 +409,9 @@ def summary(recs, args, base, command, wall):
               "claimed match holds if −δ < lo and hi < δ, does not hold if lo > δ or hi < −δ, else cannot tell. "
               "The Holm column applies the same rule with each claim's interval widened to Holm's step-down level "
               "across the claims of this table (p-values: two-sided t-test for a direction, TOST for a match), so "
-              "the chance that any \"holds\" in it is false stays at 5%. Differences are paired by β and seed; the "
+              "the chance that any \"holds\" in it is false stays at 5% (a wider interval can turn \"smaller than the margin\" "
+              "into a plain \"holds\": still significant, its size no longer shown below δ). Differences are paired by "
+              "seed and β; the "
               "`none` arm has no β: it is one run per seed, compared with every β. \"~N seeds would settle it\": the "
               "seeds at which the interval, at the measured mean and spread, would exclude 0 or fit inside ±δ."]
     return "\n".join(lines) + "\n"

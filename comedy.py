@@ -252,7 +252,7 @@ def verdict(kind, lo, hi, margin):
     return "cannot tell"
 
 
-def p_value(kind, xs, margin, sign):
+def p_value(kind, xs, margin):
     """The p-value of the finding the claim asks for, consistent with the CI rule: a (1 − α) CI excludes 0 iff the
     two-sided t-test's p < α (a direction); it lies inside ±δ iff 2·max of the two one-sided tests' p < α (a match,
     TOST)."""
@@ -341,7 +341,7 @@ def claims(recs, betas):
         margin = MARGINS[quantity]
         m, h = mean_ci(xs)
         out.append(dict(claim=text, at=at, kind=kind, sign=sign, margin=margin, n=len(xs), mean=m, half=h, what=what,
-                        p=p_value(kind, xs, margin, sign), xs=xs))
+                        p=p_value(kind, xs, margin), xs=xs))
     for c, level in zip(out, holm_levels([c["p"] for c in out])):
         for key, lvl in (("verdict", 1 - ALPHA), ("holm", level)):
             m, h = mean_ci(c["xs"], lvl)

@@ -190,8 +190,8 @@ def test_p_values_agree_with_the_intervals_and_holm_steps_down():
         rng = random.Random(i)
         xs = [rng.gauss(rng.uniform(-0.03, 0.03), rng.uniform(0.005, 0.03)) for _ in range(rng.choice((3, 6, 18)))]
         m, h = comedy.mean_ci(xs)
-        assert (comedy.p_value("direction", xs, 0.02, 1) < 0.05) == (m - h > 0 or m + h < 0)
-        assert (comedy.p_value("match", xs, 0.02, 0) < 0.05) == (-0.02 < m - h and m + h < 0.02)
+        assert (comedy.p_value("direction", xs, 0.02) < 0.05) == (m - h > 0 or m + h < 0)
+        assert (comedy.p_value("match", xs, 0.02) < 0.05) == (-0.02 < m - h and m + h < 0.02)
     levels = comedy.holm_levels([0.01, 0.04, 0.03, 0.005])
     assert levels == pytest.approx([1 - 0.05 / 3, 0.975, 0.975, 1 - 0.05 / 4])
 

@@ -272,7 +272,6 @@ def run_eval(args):
         torch.set_num_threads(1)   # tiny matmuls: thread sync costs more than it saves (10x slower on a busy CPU)
     versions, sha = provenance()
     import real_model
-    import real_model
     from run_folder import portable
     shown = {k: portable(v) if k in ("model", "adapter", "out") else v for k, v in vars(args).items()
              if k not in ("compare", "task_list")}           # a result names no machine: paths relative to the repo,

@@ -47,7 +47,7 @@ import time
 import torch
 
 import estimators
-import toy
+from tools import toy
 from estimators import parse_kl
 
 # ---------------------------------------------------------------------------------------------------------

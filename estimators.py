@@ -44,7 +44,7 @@ The paper leaves the *sequence*-level gradient off-policy open (§3); kl_is = "p
 weights k_s by the prefix product W_{1:s} = Π_{u≤s} ρ_u instead, which gives it exactly (prefix_weighted_kl;
 optionally truncated at c, trading bias for variance).
 
-Run `python toy.py` for the paper's Figure 2 (bias and variance of each configuration on a toy).
+Run `python tools/toy.py` for the paper's Figure 2 (bias and variance of each configuration on a toy).
 """
 import math
 from dataclasses import dataclass
@@ -214,7 +214,7 @@ def prefix_weighted_kl(logp, ref_logp, mask, log_rho, estimator, clip=math.inf):
     Truncation at c: W̃ = min(W, c) in value with gradient W̃·G_{1:s} (the excess log W − log c is detached, so
     the score term still flows, and W̃ ≤ c cannot overflow). Bias = −E_μ[Σ_s (W_{1:s} − c)_+ ·(bracket above)]:
     0 once c ≥ max W, → 0 as c → ∞; clip = inf is the unbiased estimator. Its variance grows like E_μ[W²], i.e.
-    geometrically in the length and the μ–π distance (`python toy.py --off-policy` measures it).
+    geometrically in the length and the μ–π distance (`python tools/toy.py --off-policy` measures it).
     """
     log_w = log_prefix_weights(log_rho, mask)                      # (N, T) log W_{1:t}, in the graph
     log_w = log_w - (log_w - math.log(clip)).clamp(min=0).detach()  # (N, T) value min(log W, log c); ∇ = G_{1:t}

@@ -152,7 +152,7 @@ def generate_records(model, tok, name, examples, args):
 def local(m):
     """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file; a short
     name such as smollm2-135m (real_model.py) is its converted folder."""
-    from real_model import MODELS, folder
+    from tools.real_model import MODELS, folder
     if m in MODELS:
         return folder(m)
     return os.path.join(HERE, m) if m and not os.path.isdir(m) and os.path.isdir(os.path.join(HERE, m)) else m
@@ -211,7 +211,7 @@ def resolve(args):
         except ValueError as e:
             die(str(e))
     if args.model == TINY and not os.path.isdir(TINY):
-        die(f"tiny model not found at {TINY} (build it with: python tiny_model.py --out assets/tiny-arith)")
+        die(f"tiny model not found at {TINY} (build it with: python tools/tiny_model.py --out assets/tiny-arith)")
     if not args.out:
         tag = "+".join(args.task_list)
         args.out = (os.path.join(os.path.dirname(os.path.abspath(args.adapter)), f"eval-{tag}.json") if args.adapter
@@ -271,7 +271,7 @@ def run_eval(args):
     if model.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 10_000_000:
         torch.set_num_threads(1)   # tiny matmuls: thread sync costs more than it saves (10x slower on a busy CPU)
     versions, sha = provenance()
-    import real_model
+    from tools import real_model
     from run_folder import portable
     shown = {k: portable(v) if k in ("model", "adapter", "out") else v for k, v in vars(args).items()
              if k not in ("compare", "task_list")}           # a result names no machine: paths relative to the repo,

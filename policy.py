@@ -57,7 +57,7 @@ def check_model_source(model):
     folder (converted on first use). A local path that does not exist fails fast (a hub id such as
     "Qwen/Qwen2.5-7B" is left to from_pretrained): "mymodels/tiny" looks like a hub id, but if ./mymodels exists it
     is a mistyped folder: say so now rather than after the hub's ~50 s of retries."""
-    from real_model import resolve
+    from tools.real_model import resolve
     model = resolve(model)
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.isdir(model.split("/")[0])
     if looks_local and not os.path.isdir(os.path.expanduser(model)):

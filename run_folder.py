@@ -85,7 +85,7 @@ SAMPLES, SAMPLE_BYTES = 16, 4096          # legacy_identity: the sampled fingerp
 def model_folder(model):
     """The local folder of a model: the folder itself, a short name's converted folder (real_model.py), or a hub id's
     snapshot in the Hugging Face cache (or None)."""
-    from real_model import resolve
+    from tools.real_model import resolve
     model = resolve(model)
     if os.path.isdir(model):
         return model
@@ -103,7 +103,7 @@ def model_identity(model):
     its identity (no mtimes, no paths); any changed byte changes it (sampling 16 blocks of each weight file let 13 of
     the tiny model's 29 tensors be negated unseen). Each file's digest is cached by size + mtime + inode
     (real_model.file_digest), so a 7B's 15 GB are read once, not at every start and resume."""
-    from real_model import file_digest
+    from tools.real_model import file_digest
     folder = model_folder(model)
     if not folder:
         return None
@@ -456,7 +456,7 @@ def max_lora_rank(model):
     """The smallest in/out dimension of the layers LoRA adapts (peft's "all-linear": every nn.Linear but the output
     head), from a weightless meta-device copy of the architecture (~0.1 s for a 7B); None if it cannot be built."""
     try:
-        from real_model import resolve
+        from tools.real_model import resolve
         from transformers import AutoConfig, AutoModelForCausalLM
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(model)))

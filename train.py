@@ -372,7 +372,7 @@ def main(argv=None):
         if argv is None and not cfg.load_in_4bit and cfg.optim == "adamw":   # the command line, not a caller's process
             sys.modules.setdefault("bitsandbytes", None)    # peft imports it if installed: ~1.2 s, here never used
         if cfg.export:                                       # a command for another engine, no training
-            from export import export
+            from tools.export import export
             print(export(cfg, cfg.export).rstrip("\n"))
             return 0
         train_set, held_out = load_data(cfg)

@@ -45,7 +45,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random Llama + the project's BPE tokenizer, saved once per test session."""
-    import tiny_model
+    from tools import tiny_model
     return tiny_model.build_random_model(str(tmp_path_factory.mktemp("tiny") / "m"), hidden_size=64,
                                          intermediate_size=128, num_hidden_layers=2)
 
@@ -57,7 +57,7 @@ def smollm2(tmp_path_factory):
     reads or writes ~/.cache. Conversion: ~25 s on an idle CPU, once per session (all pytest -n workers)."""
     import time
 
-    import real_model
+    from tools import real_model
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):                 # pytest -n: the workers share one conversion
         base = base.parent                                   # (real_model's lock makes the second one wait, then reuse)

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-import bench
+from tools import bench
 import policy
 import train
 from policy import (adapter_snapshot, kl_stats_from_hidden, load_policy, logprobs_in_chunks, rollout, rollout_copy,

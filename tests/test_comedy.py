@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import comedy
+from tools import comedy
 from conftest import docs_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "assets", "tiny-arith")), reason="no shipped model")
 def test_smoke_study_writes_every_file_and_skips_finished_runs(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "comedy.py"), "--smoke", "--out", str(tmp_path), "--jobs", "2"]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "comedy.py"), "--smoke", "--out", str(tmp_path), "--jobs", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_one_writer_per_study_folder_and_no_rm_of_a_live_run(tmp_path):
     from run_folder import lock_run, release_run
     made = lock_run(str(tmp_path), what="study folder")        # this process plays the first comedy.py
     try:
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "comedy.py"), "--smoke", "--out", str(tmp_path)],
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "comedy.py"), "--smoke", "--out", str(tmp_path)],
                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     finally:
         release_run(str(tmp_path), made)

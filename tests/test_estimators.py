@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import toy
+from tools import toy
 from estimators import KL_CONFIGS, full_kl, k1, k2, k3, parse_kl
 
 INSTANCES = [(3, 4, 0), (2, 5, 1)]   # (V, T, seed): 81 and 32 sequences
@@ -198,7 +198,7 @@ def test_figure2_rows_agree_with_the_exact_oracle():
 
 
 def test_toy_cli_rejects_bad_sizes():
-    r = subprocess.run([sys.executable, "toy.py", "--V", "1"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "tools/toy.py", "--V", "1"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and "V >= 2" in r.stderr
 

@@ -208,7 +208,7 @@ def zero_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     model = ev.TINY
     if not os.path.isdir(model):
-        import tiny_model
+        from tools import tiny_model
         model = tiny_model.build_random_model(str(d / "tiny"))
     peft_model, _ = load_policy(model)
     run = d / "runs" / "zero"
@@ -254,7 +254,7 @@ def test_bad_inputs_exit_2_with_one_line(zero_run, tmp_path, capsys):
     cfg = json.loads((run / "checkpoint" / "adapter_config.json").read_text())
     (other / "checkpoint" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "x/y"}))
     assert "trained on base model 'x/y'" in _error(["--adapter", str(other), "--model", model], capsys)
-    import tiny_model                                                                   # same name, other shapes
+    from tools import tiny_model                                                                # same name, other shapes
     from policy import load_policy
     wide, _ = load_policy(tiny_model.build_random_model(str(tmp_path / "wide"), hidden_size=64))
     wide.save_pretrained(str(tmp_path / "wide-lora"))

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-import export
+from tools import export
 import train
 from estimators import KL_CONFIGS
 

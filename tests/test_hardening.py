@@ -200,8 +200,8 @@ def test_worker_processes_die_with_their_parent():
 
 
 def test_bench_and_gpu_check_workers_are_tied_to_their_parent(monkeypatch):
-    import bench
-    import gpu_check
+    from tools import bench
+    from tools import gpu_check
     import run_folder
     seen = []
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import real_model
+from tools import real_model
 import run_folder
 import train
 from conftest import fail_writes
@@ -480,7 +480,7 @@ def test_an_adapter_with_modules_to_save_is_refused(run, finished):
 
 
 def test_gpu_check_on_a_missing_or_non_json_models_file_is_one_line(tmp_path, capsys):
-    import gpu_check
+    from tools import gpu_check
     (tmp_path / "bad.json").write_text("not json")
     for models in (str(tmp_path / "missing.json"), str(tmp_path / "bad.json")):
         assert gpu_check.main(["--memory", "--device", "cpu", "--models", models, "--cache", str(tmp_path)]) == 2
@@ -603,7 +603,7 @@ def test_a_corrupt_gpu_check_cache_entry_is_measured_again(tmp_path, monkeypatch
     import argparse
     import hashlib as hl
 
-    import gpu_check
+    from tools import gpu_check
     args = argparse.Namespace(cache=str(tmp_path), device="cpu", threads=1)
     key = json.dumps(["m.json", 1, [], "cpu", 1], sort_keys=True)
     path = tmp_path / ("memory-" + hl.sha1(key.encode()).hexdigest()[:12] + ".json")

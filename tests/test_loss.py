@@ -7,7 +7,7 @@ mean against the exact expectation coordinate by coordinate, within a few standa
 import pytest
 import torch
 
-import toy
+from tools import toy
 from estimators import parse_kl
 from kl_rl import policy_loss, rl_loss, seq_kl_values, shaped_advantages
 

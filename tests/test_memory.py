@@ -86,7 +86,7 @@ def test_gpu_check_small_extrapolates_to_the_direct_measurement_and_writes_the_r
     """`gpu_check.py --small`, the GPU check's code path at CPU size: the memory model (1 and 2 layers, 1 and 2 short
     rows -> full depth and shape) against the same phases measured directly at full depth (4 layers) and shape, then
     bench.py, into one markdown report."""
-    import gpu_check
+    from tools import gpu_check
     report = tmp_path / "gpu-check.md"
     assert gpu_check.main(["--small", "--device", "cpu", "--cache", str(tmp_path), "--out", str(report)]) == 0
     text = report.read_text()
@@ -102,7 +102,7 @@ def test_gpu_check_4bit_static_grows_by_a_layers_nf4_weights_lora_and_adamw(tmp_
     arithmetic from the config: NF4 packs two weights a byte, LoRA r = 16 on every linear keeps its fp32 weights and
     AdamW's two moments. Before measure() released the freed pages of the previous pass, a base that held them made
     the growth ~30% of this (3.4 of 11.5 MiB a layer at this size)."""
-    import gpu_check
+    from tools import gpu_check
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=4096,
                num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, vocab_size=8192,
                max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6)
@@ -122,7 +122,7 @@ def test_gpu_check_4bit_static_grows_by_a_layers_nf4_weights_lora_and_adamw(tmp_
 def test_gpu_check_lifts_a_static_read_below_its_tensors_and_every_phase_with_it():
     """A cached run whose base held reused pages: static below its tensors' bytes. The table lifts static to them and
     every part by the same amount (they were read against the same base); a run at or above them is left as is."""
-    import gpu_check
+    from tools import gpu_check
     low = {"static": 10, "tensor_bytes": 25, "probes": [{"phase": "grad", "rows": 1, "parts": {"decoder": 40,
                                                                                              "head": 30}}]}
     lifted = gpu_check.at_least_tensor_bytes(low)

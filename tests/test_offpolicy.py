@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-import toy
+from tools import toy
 from estimators import KL_IS, parse_kl
 from kl_rl import policy_loss
 
@@ -321,6 +321,6 @@ def test_off_policy_table_rows_depend_on_their_own_T_only():
 
 
 def test_off_policy_cli_rejects_bad_arguments():
-    r = subprocess.run([sys.executable, "toy.py", "--off-policy", "--stale", "-1"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "tools/toy.py", "--off-policy", "--stale", "-1"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and "--stale >= 0" in r.stderr

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import policy
-import real_model
+from tools import real_model
 import tasks
 import train
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny_model as tm
+from tools import tiny_model as tm
 
 ASSET = pathlib.Path(__file__).resolve().parent.parent / "assets" / "tiny-arith"
 

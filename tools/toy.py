@@ -21,16 +21,22 @@ Off-policy the weight is the sampler's μ(y) instead, and μ's log-probs go to t
 
 Simplifications: zero task reward and no baseline (the KL part alone, β = 1), as in the paper's toy.
 
-    python toy.py                          # Figure-2 table: T = 2,4,6,8,10, binary vocabulary (≈15 s)
-    python toy.py --T 3 5 --V 3 --R 100    # other sizes
-    python toy.py --off-policy             # off-policy: token-level ρ·k3 vs the sequence-level prefix W·k (≈35 s)
-    python toy.py --eos --V 3              # variable lengths: token V−1 is an EOS (all completions of length ≤ T)
+    python tools/toy.py                          # Figure-2 table: T = 2,4,6,8,10, binary vocabulary (≈15 s)
+    python tools/toy.py --T 3 5 --V 3 --R 100    # other sizes
+    python tools/toy.py --off-policy             # off-policy: token-level ρ·k3 vs the sequence-level prefix W·k (≈35 s)
+    python tools/toy.py --eos --V 3              # variable lengths: token V−1 is an EOS (all completions of length ≤ T)
 """
 import argparse
 import itertools
 import math
+import os
+import sys
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: `python tools/toy.py` runs from here,
+if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
+    sys.path.insert(0, ROOT)                                         # folder up
 
 from estimators import KL_CONFIGS, kl_reward_penalty, parse_kl, token_kl
 from kl_rl import policy_loss

@@ -57,7 +57,7 @@ from guards import (RESUMABLE, Log, check_config, check_out, eval_files, finite_
                     resumable_config, same, save, shown, stop_on_signals, zero_gradient)
 from run_folder import (append_record, at, checkpoint_dir, code_version, last_checkpoint, legacy_identity, local,
                         lock_run, machine, max_lora_rank, metrics_until, model_identity, one_line, portable,
-                        read_adapter_config, read_json, read_records, read_state, release_run, report, restore,
+                        read_adapter_config, read_json, read_records, read_state, release_run, restore,
                         write_atomic)
 from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
 
@@ -495,6 +495,7 @@ def main(argv=None):
         for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
             write(rec)
     log.close()
+    from tools.report import report                          # summary table and metrics.png
     report(out)
     return 0
 

@@ -76,7 +76,8 @@ def test_summary_averages_the_last_tenth_of_steps_and_the_plot_is_titled(tmp_pat
                         lambda fig, *a, **k: (titles.append(fig._suptitle.get_text()), legends.extend(
                             t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()),
                                               save(fig, *a, **k)))
-    train.report(str(tmp_path))
+    from tools.report import report
+    report(str(tmp_path))
     out = capsys.readouterr().out
     assert "| train reward | 0.0000 | 37.5000 |" in out and "mean of the last 4 steps" in out
     assert "| train entropy | 0.0000 | 30.0000 |" in out        # no diagnostic in the last 4: the last of 3 logged

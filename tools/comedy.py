@@ -40,7 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo 
 if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
     sys.path.insert(0, ROOT)                                         # folder up
 
-from run_folder import die_with_parent, holder, lock_run, moving_average, open_nofollow, read_metrics, write_atomic
+from run_folder import die_with_parent, holder, lock_run, open_nofollow, read_metrics, write_atomic
+from tools.report import moving_average
 
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
 # --setup: the model, its in-domain and out-of-domain tasks, and how runs are trained and evaluated

@@ -1,7 +1,8 @@
-"""Tasks and 0/1 rewards shared by train.py and eval.py (the RLVR tasks of the paper, plus small synthetic ones).
+"""Tasks shared by train.py and eval.py (the RLVR tasks of the paper, plus small synthetic ones): their problems, the
+prompt a model sees, and which grader of graders.py scores its answer.
 
     load_task(name, split="train", n=None, seed=0, path=None) -> list of {"question": str, "answer": str, ...}
-    reward(name, completion, example) -> 1.0 if the completion solves the example else 0.0 (never executes text)
+    reward(name, completion, example) -> 1.0 if the completion solves the example else 0.0 (graders.py: never runs it)
     build_prompt(tokenizer, question, fmt="auto") -> the prompt string given to the model (chat template or plain)
 
     exs = load_task("math500", "test", n=50)
@@ -23,14 +24,13 @@ Synthetic tasks (no data; deterministic given split and seed; "test" is a fixed 
              (no train split). The real model's out-of-domain check: a skill it has (greedy 0.63) that RL on
              arith_q never trains, so a drop measures what the update broke elsewhere.
   countdown  3 or 4 numbers in [1, 30] and a target in [1, 200] built from a random expression over all of them,
-             so every problem is solvable; answer = that reference expression (plus "numbers" and "target").
-             The model must put an expression using + - * / and parentheses, each number exactly once, inside
-             <answer>...</answer> (no tags: its last non-empty line is read); "= target" after it is ignored.
+             so every problem is solvable; answer = that reference expression (plus "numbers" and "target"). The
+             model answers with an expression using each number once inside <answer></answer> (graders.py reads it).
 
 Data-set tasks: `path` is a local .jsonl/.json/.parquet file (read here, with no cache copy: one JSON row per line, a
 .json list of rows, or parquet via pyarrow; at most MAX_DATA_BYTES = 256 MiB, MAX_LINE_BYTES = 1 MiB per line; the
-file is the data and `split` is ignored) or a Hugging Face Hub id (default below, read with datasets). With HF_HUB_OFFLINE=1 a hub id that is
-not in the local cache fails at once with a TaskError: pass a local file instead. Rows must have these fields:
+file is the data and `split` is ignored) or a Hugging Face Hub id (default below, read with datasets); offline
+(HF_HUB_OFFLINE=1) a hub id not in the local cache is a TaskError at once: pass a local file. Rows have these fields:
   math       hub "DigitalLearningGmbH/MATH-lighteval" (splits train 7,500 / test 5,000):
              problem (str), solution (str, LaTeX with the final answer in \\boxed{...}), level (str), type (str).
              answer = the last \\boxed{} of solution, or the row's own "answer" field (str) when present.
@@ -43,30 +43,16 @@ completion's last \\boxed{}. For mmlu: question, choices as "A. ..." lines, and 
 For the train split of a data set the rows are shuffled with `seed`; test keeps file order. `n` keeps the first n.
 A malformed row (missing field, wrong type, no answer, a gold answer that is NaN, infinite or a float beyond 2**53)
 raises TaskError naming the file and its 0-based row index (a line that is not JSON: its 1-based line number).
-
-Rewards (1.0 or 0.0; the completion is decoded text, only parsed (in linear time), never executed; digits are ASCII):
-  arith, arith_ood, arith_spaced, arith_q, mul_q  the last integer (-?[0-9]+) in the completion equals the answer.
-  countdown  the expression parses (ast) to + - * / over int literals, uses each number exactly once and evaluates
-             exactly (Fractions) to the target. Whitespace and line breaks in it are free; at most CD_MAX_CHARS = 1000
-             other characters.
-  math, math500  math-verify finds the completion's last \\boxed{...} equal to the answer; it runs in a child process
-             that is killed after GRADE_TIMEOUT s (so no answer can hang a run) and dies with its parent. No \\boxed{}
-             scores 0. Verdicts are cached per (answer, prediction): a slow pair costs the timeout once. An answer that
-             math-verify cannot parse, or not compare with 0 within the timeout, is matched as exact text instead.
-  mmlu_*     the letter from mmlu_letter(): \\boxed{B}, then "Answer: B", then a line that is just "B", then "(B)".
 """
-import ast
-import atexit
 import json
 import math
 import os
 import random
-import re
-import select
-import subprocess
-import sys
 import threading
 from fractions import Fraction
+
+from graders import countdown_expr, countdown_value, last_boxed, last_integer, math_reward, mmlu_letter
+from graders import _grader, _start_grader, _stop_grader  # noqa: F401 (tests/test_hardening.py reaches them here)
 
 
 class TaskError(ValueError):
@@ -97,7 +83,24 @@ MMLU_INSTRUCTION = ("\n\nChoose the correct option. End your response with a lin
                     "\"Answer: X\", where X is A, B, C or D.")
 N_TEST, N_TRAIN = 500, 10_000
 CD_MAX_NUMBER, CD_MAX_TARGET = 30, 200
-CD_MAX_CHARS = 1000  # non-whitespace characters of a countdown expression; a real one has ~20: "(12 + 3) * (30 - 4)"
+GRADE_TIMEOUT = 10.0  # seconds math-verify may take on one answer: then the child is killed and it scores 0
+
+
+def reward(name, completion, example):
+    """0/1 correctness of `completion` (decoded text, special tokens skipped) for `example` from load_task(name): the
+    task's grader from graders.py, which only parses the text (linear time) and never runs it."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
+    if not isinstance(completion, str):
+        return 0.0
+    if name in ("arith", "arith_ood", "arith_spaced", "arith_q", "mul_q"):
+        got = last_integer(completion)
+        return float(got is not None and got == int(example["answer"]))
+    if name == "countdown":
+        return float(countdown_value(countdown_expr(completion), example["numbers"]) == example["target"])
+    if name in ("math", "math500"):
+        return math_reward(completion, example["answer"], GRADE_TIMEOUT)
+    return float(mmlu_letter(completion) == example["answer"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,222 +323,8 @@ def _example(name, row, i, src):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rewards: 1.0 if correct else 0.0. Model output is only parsed (regex, ast, LaTeX), never executed.
+# Prompts
 # ---------------------------------------------------------------------------------------------------------------------
-def reward(name, completion, example):
-    """0/1 correctness of `completion` (decoded text, special tokens skipped) for `example` from load_task(name)."""
-    if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}; choose from: {', '.join(TASKS)}")
-    if not isinstance(completion, str):
-        return 0.0
-    if name in ("arith", "arith_ood", "arith_spaced", "arith_q", "mul_q"):
-        # the last integer ("12+5=17", "The sum is 17."); [0-9], as \d also matches "١٧", which int() reads as 17
-        ints = re.findall(r"-?[0-9]+", completion)
-        return float(bool(ints) and len(ints[-1]) <= 50 and int(ints[-1]) == int(example["answer"]))
-    if name == "countdown":
-        return float(countdown_value(_countdown_expr(completion), example["numbers"]) == example["target"])
-    if name in ("math", "math500"):
-        return _math_reward(completion, example["answer"])
-    return float(mmlu_letter(completion) == example["answer"])
-
-
-def _countdown_expr(completion):
-    # the last <answer>...</answer> by rfind: "<answer>(.*?)</answer>" rescans the text from every unclosed tag
-    end = completion.rfind("</answer>")
-    start = completion.rfind("<answer>", 0, max(end, 0))
-    if start >= 0:
-        expr = completion[start + len("<answer>"):end]
-    else:  # the last non-empty line
-        expr = next((line for line in reversed(completion.splitlines()) if line.strip()), "")
-    expr = expr.split("=")[0]  # "(3 + 5) * 2 = 16": only the left side is graded
-    return expr.replace("×", "*").replace("÷", "/").replace("−", "-").strip().rstrip(".").strip()
-
-
-def countdown_value(expr, numbers):
-    """Exact value (Fraction) of an arithmetic expression that uses each of `numbers` exactly once, else None.
-
-    Allowed: int literals, + - * / and parentheses; no unary minus (a number must be used as given), no **, //, names
-    or calls. The text is checked with a character whitelist, parsed with ast (parsing runs nothing) and the tree is
-    evaluated here with Fractions, so the result is exact and nothing in the text is ever executed. Whitespace is
-    free; at most CD_MAX_CHARS other characters.
-    """
-    if not expr or not re.fullmatch(r"[0-9\s+\-*/()]+", expr, flags=re.ASCII):  # ASCII: no "٣" or "３"
-        return None
-    # Bounds before ast sees it: one int literal per number keeps the tree at <= 2*len(numbers)-1 nodes (no 50k-deep
-    # "1+1+...+1"), CD_MAX_CHARS bounds the parentheses (the parser itself rejects nesting deeper than 200).
-    expr = " ".join(expr.split())  # a multi-line or padded answer is still one expression; "1 2" stays an error
-    if len(expr.replace(" ", "")) > CD_MAX_CHARS or len(re.findall(r"[0-9]+", expr)) != len(numbers):
-        return None
-    try:
-        tree = ast.parse(expr, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    used, ops = [], {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
-                     ast.Div: Fraction.__truediv__}
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            used.append(node.value)
-            return Fraction(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError("disallowed syntax")
-
-    try:
-        value = ev(tree)
-    except (ValueError, ZeroDivisionError, RecursionError):
-        return None
-    return value if sorted(used) == sorted(numbers) else None
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}) in text with braces matched, or None (also if unclosed)."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    j = i
-    while text[j:j + 1] == " ":
-        j += 1
-    if text[j:j + 1] != "{":  # "\boxed 5" (no braces): the token after the space, up to a space or $
-        m = re.match(r"[^\s${}]+", text[j:]) if j > i else None
-        return m.group(0) if m else None
-    depth, i = 0, j
-    while j < len(text):
-        c = text[j]
-        if c == "\\":  # \{ and \} are literal braces, not grouping
-            j += 2
-            continue
-        depth += (c == "{") - (c == "}")
-        if depth == 0:
-            return text[i + 1:j].strip()
-        j += 1
-    return None
-
-
-# math-verify runs in a child process that is killed after GRADE_TIMEOUT seconds: sympy can take forever on a short
-# adversarial answer (9^{9^{9^9}} is one C-level big-int power, (a+1)(b+1)...(z+1) expands to 2^25 terms), and
-# math-verify's own timeouts use signal.alarm, which fails outside the main thread and cannot interrupt C code anyway.
-# Inside the child: parse/verify with timeouts off (as recommended for threads), the LaTeX extractor only for model
-# text (the plain-expression extractor calls sympy's parse_expr, i.e. eval), and a 4 GiB memory cap.
-# The child dies with its parent (killed train.py: no orphan at 100% CPU): Linux's parent-death signal stops it even
-# inside C code; elsewhere a CPU-time limit of the request's timeout (+2 s) does, and an idle child exits on stdin EOF.
-GRADE_TIMEOUT = 10.0
-CACHE_SIZE = 100_000  # remembered verdicts; the oldest is dropped first
-_GRADER_CODE = r"""
-import ctypes, json, logging, resource, sys, time
-try:  # die with the parent: PR_SET_PDEATHSIG (1) = SIGKILL (9); Linux only, elsewhere the CPU limit below
-    ctypes.CDLL(None).prctl(1, 9)
-except (AttributeError, OSError):
-    pass
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU dumps core by default: no core file in the cwd
-logging.disable(logging.WARNING)
-out, sys.stdout = sys.stdout, sys.stderr  # a stray print in a library must not be taken for a verdict
-from math_verify import LatexExtractionConfig, parse, verify
-golds, zero, cpu_hard = {}, parse("$0$"), resource.getrlimit(resource.RLIMIT_CPU)[1]
-print("ready", file=out, flush=True)
-for line in sys.stdin:
-    gold, pred, timeout = json.loads(line)
-    soft = int(time.process_time() + timeout) + 2  # SIGXCPU kills us after this much more CPU time
-    resource.setrlimit(resource.RLIMIT_CPU, (soft if cpu_hard < 0 else min(soft, cpu_hard), cpu_hard))
-    try:
-        if gold not in golds:
-            golds[gold] = parse("$" + gold + "$", parsing_timeout=None)
-        if pred is None:  # a new gold: it must parse, and compare with a plain number in time
-            ok = bool(golds[gold]) and verify(golds[gold], zero, timeout_seconds=None) in (True, False)
-        else:
-            got = parse("\\boxed{" + pred + "}", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
-            ok = bool(got) and verify(golds[gold], got, timeout_seconds=None)
-    except Exception:
-        ok = False
-    print(int(bool(ok)), file=out, flush=True)
-"""
-_grader = {"proc": None}
-_grader_lock = threading.Lock()
-_cache = {}  # (gold, prediction) -> reward; (gold, None) -> whether math-verify handles the gold in time
-
-
-def _math_reward(completion, answer):
-    pred, gold = last_boxed(completion), str(answer)
-    if not pred or len(pred) > 1000:
-        return 0.0
-    with _grader_lock:  # one request at a time: callers may grade from several threads
-        # The cache makes a slow answer cost GRADE_TIMEOUT once, not every time it is graded: a (gold, prediction)
-        # pair, and a gold that math-verify cannot parse, or not compare with 0 in time (then graded by exact text).
-        if (gold, None) not in _cache:
-            _cache[gold, None] = _ask(gold, None) == 1.0
-        if (gold, pred) not in _cache:
-            _cache[gold, pred] = (_ask(gold, pred) if _cache[gold, None] else
-                                  float("".join(pred.split()) == "".join(gold.split())))
-        while len(_cache) > CACHE_SIZE:
-            del _cache[next(iter(_cache))]  # dicts keep insertion order: the oldest entry
-        return _cache[gold, pred]
-
-
-def _ask(gold, pred):
-    """The grader's verdict (1.0 or 0.0); 0.0 after GRADE_TIMEOUT s, and the grader is restarted for the next call."""
-    for _ in range(2):
-        proc = _grader["proc"]
-        if proc is None or proc.poll() is not None:
-            _stop_grader()
-            proc = _grader["proc"] = _start_grader()
-        try:
-            proc.stdin.write(json.dumps([gold, pred, GRADE_TIMEOUT]) + "\n")
-            proc.stdin.flush()
-            verdict = _reply(proc, GRADE_TIMEOUT)
-        except OSError:  # it died before reading the request
-            verdict = ""
-        if verdict:
-            return float(verdict.strip() == "1")
-        _stop_grader()
-        if verdict is None:  # too slow
-            return 0.0
-        # It died. The parent-death signal also fires when the *thread* that started the grader exits (prctl(2)), so
-        # a grader started by a finished worker thread is gone: one more try with a fresh one (else out of memory).
-    return 0.0
-
-
-def _start_grader():
-    proc = subprocess.Popen([sys.executable, "-c", _GRADER_CODE], text=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    if (_reply(proc, 120.0) or "").strip() != "ready":  # it imports sympy: a few seconds, more on a cold disk
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError("the math reward's grader process did not start (pip install math-verify?)")
-    return proc
-
-
-@atexit.register
-def _stop_grader():
-    proc, _grader["proc"] = _grader["proc"], None
-    if proc is not None:
-        proc.kill()
-        proc.communicate()  # reaps it and closes the pipes
-
-
-def _reply(proc, timeout):
-    """One line from the grader: "" if it died (end of file), None if nothing came within timeout seconds."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else None
-
-
-def mmlu_letter(text):
-    """The answer letter A-D of a multiple-choice completion, or None. Most explicit form wins, then the last one:
-    \\boxed{B}, then "answer: B" / "answer is (B)", then a line that is only the letter, then "(B)"."""
-    # Squeeze each whitespace run to one character (a newline if it holds one), keeping lines: the patterns' \s* runs
-    # then cannot try the many splits of one long run (quadratic or worse: "answer" + 500 spaces took a minute).
-    text = re.sub(r"\s*\n\s*", "\n", re.sub(r"[^\S\n]+", " ", text))
-    for pattern in (r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-D])\)?\s*\}",
-                    r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*[*_]*\s*\(?([A-D])\b",
-                    r"(?m)^\s*[*_]*\(?([A-D])\)?[*_]*[.:)]?\s*$",
-                    r"\(([A-D])\)"):
-        found = re.findall(pattern, text)
-        if found:
-            return found[-1]
-    return None
-
-
 PROMPT_FORMATS = ("auto", "chat", "plain")
 
 

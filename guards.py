@@ -3,16 +3,22 @@
 train.py's loop reads as the paper's algorithm; everything that protects a user's run folder is here, in the order a
 run meets it:
   check_config      bad values, zero-gradient configurations, a --device that is not here  -> ValueError (exit 2)
+  load_data         the data and the model's tokenizer: empty tasks, stray --eval-data, prompts beyond the context
   check_out         write only into a fresh folder or this run's own (never a model, a checkpoint, another run)
-  resumable_config  a resume reads a whole train.py config.json (every key of the run) or refuses, writing nothing
+  resumable_config  a resume reads a whole train.py config.json (every key of the run) or refuses, writing nothing;
+  resumed_config    and a flag that would change the run (another arm, lr, model) is refused
   same, fits        config.json values compared with the command line, and type-checked before a resume trusts them
   save, Log         a checkpoint or a metrics record that cannot be written (a full disk) names the intact
                     checkpoint, exit 1, leaving no temporary file and no cut-off record
   stop_on_signals   Ctrl-C / SIGTERM end the run with one line naming the last good checkpoint (exit 130 / 143)
-  first_nonfinite   after every optimizer step: a NaN or inf parameter stops the run before it is logged or saved
+  check_resume      a resume's checkpoint, adapter rank, base-model identity and records, before anything is written
   finite_sampling   finite weights that overflow the forward pass stop at the next sampling, one line
-  zero_gradient     a run whose first ZERO_GRAD_STEPS steps all had gradient norm exactly 0 stops (nothing learns)
-Every message is one line on stderr; tests/test_run_folder.py feeds each the inputs that once broke it.
+  check_loss, check_grad_norm   a non-finite loss or gradient norm stops the step before the weights change
+  end_step          after every optimizer step: a NaN or inf parameter stops the run before it is logged or saved;
+                    the metrics record; zero_gradient (a run whose first ZERO_GRAD_STEPS steps all had gradient
+                    norm exactly 0 stops: nothing learns); the checkpoint when due
+A run that must stop raises Stop; train.main prints it with the last good checkpoint (exit 1). Every message is one
+line on stderr; tests/test_run_folder.py feeds each the inputs that once broke it.
 """
 import contextlib
 import json
@@ -28,8 +34,11 @@ import torch
 from safetensors import SafetensorError
 
 from estimators import parse_kl
-from run_folder import (at, checkpoint_dir, folder_kind, is_run_config, last_checkpoint, local, one_line,
-                        open_nofollow, read_bounded, read_json, save_checkpoint)
+from run_folder import (at, checkpoint_dir, folder_kind, is_run_config, last_checkpoint, local, metrics_until,
+                        max_lora_rank, one_line, open_nofollow, read_adapter_config, read_bounded, read_json, read_records,
+                        read_state, save_checkpoint)
+from tasks import TaskError, build_prompt, load_task
+from tools.provenance import legacy_identity, model_identity
 
 SEED_MAX = (2**63 - 2**40) // 100003                         # |seed·100003 + 10⁹ + step| < 2⁶³ for torch
 RESUMABLE = ("resume", "steps", "eval_every", "save_every", "diag_every", "device", "threads", "compile_decode",
@@ -89,6 +98,23 @@ def resumable_config(run, config_fields):
             raise ValueError(f"--resume {run}: config.json has {f.name} = {saved[f.name]!r}, not a valid "
                              f"--{f.name.replace('_', '-')}")
     return saved
+
+
+def resumed_config(given, config_fields, paths):
+    """The Config values of the run given as --resume (its config.json, paths made local); refuses (ValueError, one
+    line) a flag on the command line that would change what the run is (a different arm, lr, model...)."""
+    run, names = given["resume"], {f.name: f.default for f in config_fields}
+    saved = resumable_config(run, config_fields)            # a whole train.py config.json, or one line
+    resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    resumed.update({k: local(resumed[k]) for k in paths if k in resumed})       # from any working directory
+    resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
+    for k, v in given.items():
+        was = resumed.get(k, names[k])
+        if k not in RESUMABLE and same(v) != same(was):
+            raise ValueError(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has "
+                             f"{shown(was)}); only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} "
+                             f"may change on resume")
+    return resumed
 
 
 def eval_files(items, f):
@@ -156,6 +182,49 @@ def check_config(cfg):
     return kl
 
 
+
+def load_data(cfg):
+    """train.py's data, checked before a run folder exists: -> (train set, {task: held-out rows}). Refuses (one line)
+    an --eval-data pair for no held-out task, an empty task, a model whose files do not load, a --lora-r above the
+    layers' size, and a prompt that with --max-new-tokens exceeds the model's context."""
+    train = load_task(cfg.task, "train", seed=cfg.seed, path=cfg.data_path)
+    files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
+    if any(not f for f in files.values()) or len(files) < len(cfg.eval_data):
+        raise ValueError(f"--eval-data takes one TASK=FILE pair per task, got {' '.join(cfg.eval_data)}")
+    for name in files:                                       # a file for no held-out task would be ignored silently
+        if name not in (cfg.eval_tasks or (cfg.task,)):
+            raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
+                             f"{', '.join(cfg.eval_tasks or (cfg.task,))}; add it with --eval-tasks)")
+    held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
+                for name in (cfg.eval_tasks or (cfg.task,))} if cfg.eval_n else {}
+    for name, rows in [(cfg.task, train), *held_out.items()]:
+        if not rows:
+            raise TaskError(f"task {name!r} has no examples")
+    from policy import check_model_source
+    from transformers import AutoConfig, AutoTokenizer
+    source = check_model_source(cfg.model)                  # a short name (smollm2-135m) -> its converted folder
+    try:
+        tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
+    except OSError as e:                                     # hub id not cached offline, no access, no such repo
+        raise OSError(f"cannot load model {cfg.model!r}: {one_line(e)[:160]}" + ("" if os.path.isdir(source) else
+                      "; without a network a hub id must be in the Hugging Face cache (HF_HUB_OFFLINE=1 says so at "
+                      "once); offline models: --model smollm2-135m (real_model.py) or the default tiny one")) from None
+    limit = max_lora_rank(source)
+    if limit and cfg.lora_r > limit:
+        raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "
+                         f"{cfg.model} (a larger rank adds parameters, not capacity)")
+    context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
+    questions = sorted({ex["question"] for rows in (train, *held_out.values()) for ex in rows})
+    # the template adds the same text to every question: render only the 64 longest questions (rendering all 10k
+    # took ~4 s per run), so the longest prompt is among them up to a token or two at the seams, checked exactly
+    by_length = sorted(zip(map(len, tok(questions)["input_ids"]), questions))[-64:]
+    longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
+                                           for _, q in by_length])["input_ids"])
+    if context and longest + cfg.max_new_tokens > context:
+        raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
+                         f"model's context of {context} tokens")
+    return train, held_out
+
 def check_out(cfg, out):
     """Write only into a fresh folder or this run's own: checked early, and again under the folder's lock (another run
     may have started or finished meanwhile). Refuses a folder that is, or is inside, a model folder, a checkpoint or
@@ -204,6 +273,29 @@ def check_out(cfg, out):
                          f"or empty --out")
 
 
+def check_resume(cfg, out):
+    """Before a resume writes anything (its folder locked): the last checkpoint's state.pt (weights_only), its adapter
+    rank against --lora-r, the base model's identity against the model_id the run recorded, and metrics.jsonl and
+    resumes.jsonl readable (a torn last record is dropped). All read through the pinned folder (at), so a swapped
+    --resume link cannot hand the checks one folder and the loading another.
+    -> (state, the run's provenance, metrics.jsonl's text up to the checkpoint's step); ValueError (one line)."""
+    try:
+        state = read_state(out)
+        if read_adapter_config(checkpoint_dir(at(out)), cfg.model)["r"] != cfg.lora_r:
+            raise ValueError(f"--resume {out}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
+        saved = read_json(at(out, "config.json"))
+        provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id", "machine")}
+        now = model_identity(cfg.model)                      # a run started before full hashing has the sampled id
+        if provenance["model_id"] and provenance["model_id"] not in (now, legacy_identity(cfg.model)):
+            raise ValueError(f"--resume {out}: base model {cfg.model} has model_id {now}, but this run was trained "
+                             f"on model_id {provenance['model_id']} (another model, or its files changed)")
+        kept = metrics_until(out, state["step"])            # a corrupt metrics.jsonl refuses before anything is written
+        read_records(at(out, "resumes.jsonl"), shown=os.path.join(out, "resumes.jsonl"))   # so does resumes.jsonl
+    except ValueError as e:                                  # messages name the folder as the user gave it
+        raise ValueError(str(e).replace(at(out), out)) from None
+    return state, provenance, kept
+
+
 def save(out, model, optimizer, step, snapshots):
     """save_checkpoint, or, when it cannot write (a full disk: OSError, safetensors' SafetensorError, torch.save's
     RuntimeError), one line naming the intact checkpoint and exit 1; save_checkpoint removed checkpoint.tmp."""
@@ -235,8 +327,9 @@ class Log:
                   f"{last_checkpoint(self.out)}", file=sys.stderr)
             sys.exit(1)
 
-    def flush(self):
-        pass
+    def records(self, recs):
+        for rec in recs:
+            self.write(json.dumps(rec) + "\n")
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -255,6 +348,37 @@ def stop_on_signals(out):
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, stop)
+
+
+class Stop(Exception):
+    """A run that must end (a non-finite loss, gradient or weight; a configuration that cannot learn): its one-line
+    reason. train.main prints it with the last good checkpoint and exits 1."""
+
+
+def check_loss(loss, m, step):
+    """Before backward: a non-finite loss stops the step, naming the term (pg_term / kl_term) that overflowed."""
+    if not math.isfinite(loss.item()):
+        bad = " and ".join(t[:-5] for t in ("pg_term", "kl_term") if not math.isfinite(m[t])) or "total"
+        raise Stop(f"non-finite loss at step {step} ({bad} term: pg_term={m['pg_term']}, kl_term={m['kl_term']})")
+
+
+def check_grad_norm(grad_norm, step):
+    """Before the optimizer step: a non-finite gradient norm would write NaN into every weight."""
+    if not math.isfinite(grad_norm):
+        raise Stop(f"non-finite gradient norm at step {step}")
+
+
+def end_step(run, cfg, step, rec, rewards, logp, mask):
+    """After the optimizer step, in this order: a NaN or inf parameter stops the run before anything of this step is
+    logged or saved; the step's metrics record; a run that cannot learn stops (zero_gradient); the checkpoint, every
+    --save-every steps and at the last."""
+    if (bad := first_nonfinite(run.model)) is not None:
+        raise Stop(f"non-finite parameter {bad} after the optimizer step at step {step}")
+    run.log.records([rec])
+    if (stop := zero_gradient(run.zeros, cfg, step, rec["grad_norm"], rewards, logp, mask)) is not None:
+        raise Stop(stop)
+    if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        save(run.out, run.model, run.optimizer, step + 1, run.snapshots)
 
 
 ZERO_GRAD_STEPS = 20   # K: a run whose first K steps all have gradient norm exactly 0 stops (nothing can learn)

@@ -52,7 +52,6 @@ import threading
 from fractions import Fraction
 
 from graders import countdown_expr, countdown_value, last_boxed, last_integer, math_reward, mmlu_letter
-from graders import _grader, _start_grader, _stop_grader  # noqa: F401 (tests/test_hardening.py reaches them here)
 
 
 class TaskError(ValueError):

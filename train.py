@@ -19,8 +19,8 @@ most 1024 tokens instead of 4096; asynchrony is simulated on one device (the beh
 the adapters N steps old, so μ is exactly that checkpoint).
 
 Commands
-  python train.py                  # offline CPU default: tiny Llama on arith, ~1.5 min on 2 cores; held-out greedy
-                                   # accuracy 0.676 -> 0.836, sampled 0.328 -> 0.644 (seed 0)
+  python train.py                  # offline CPU default: tiny Llama on arith, ~1.5 min on 2 cores; one run (seed 0):
+                                   # held-out greedy 0.676 -> 0.836 (an example: floats differ on another CPU kind)
   python train.py --kl k3-in-loss                        # another arm, same setup
   python train.py --model Qwen/Qwen2.5-7B --task math --kl k1-in-reward --load-in-4bit --gradient-checkpointing
   python train.py --preset paper-onpolicy --kl k3-in-reward --beta 0.1     # β grid of §4.1: 0, 0.05, 0.1, 0.3, 1
@@ -36,7 +36,6 @@ What a run refuses before it writes and when it stops (one line each): guards.py
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -46,6 +45,7 @@ from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pickle import UnpicklingError
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -53,13 +53,12 @@ from tqdm import tqdm
 
 from estimators import KL_CONFIGS, KL_IS, LEVELS
 from kl_rl import ADVANTAGES, policy_loss, seq_kl_values, shaped_advantages
-from guards import (RESUMABLE, Log, check_config, check_out, eval_files, finite_sampling, first_nonfinite,
-                    resumable_config, same, save, shown, stop_on_signals, zero_gradient)
-from run_folder import (append_record, at, checkpoint_dir, code_version, last_checkpoint, legacy_identity, local,
-                        lock_run, machine, max_lora_rank, metrics_until, model_identity, one_line, portable,
-                        read_adapter_config, read_json, read_records, read_state, release_run, restore,
-                        write_atomic)
-from tasks import PROMPT_FORMATS, TASKS, TaskError, build_prompt, load_task, reward
+from guards import (Log, Stop, check_config, check_grad_norm, check_loss, check_out, check_resume, end_step,
+                    eval_files, finite_sampling, load_data, resumed_config, shown, stop_on_signals)
+from run_folder import (append_record, at, checkpoint_dir, last_checkpoint, lock_run, one_line, portable, release_run,
+                        restore, write_atomic)
+from tasks import PROMPT_FORMATS, TASKS, build_prompt, reward
+from tools.provenance import code_version, machine, model_identity
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft/transformers version noise
@@ -164,11 +163,6 @@ PRESETS = {
 
 
 PATHS = ("model", "data_path", "out", "resume")              # stored relative to the repository root (portable)
-EXAMPLES = """examples:
-  python train.py                                             # the offline default: tiny model, arith, k1-in-reward
-  python train.py --kl k3-in-loss --beta 0.5 --out runs/k3    # another arm
-  python train.py --preset paper-onpolicy --kl k1-in-reward   # the paper's 7B on-policy setup (QLoRA, one GPU)
-  python train.py --resume runs/k3 --steps 300                # continue a run (only --steps and cadence may change)"""
 
 
 def die(msg):
@@ -179,7 +173,7 @@ def die(msg):
 def parse_config(argv=None):
     """defaults < --preset < the resumed run's config.json < flags given on the command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__[__doc__.index("Commands"):__doc__.index("Outputs in")], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.error = die                                           # one line instead of usage + error
     groups = {}
     for f in fields(Config):
@@ -194,8 +188,11 @@ def parse_config(argv=None):
         group.add_argument("--" + f.name.replace("_", "-"), **meta)
     given = vars(ap.parse_args(argv))
     resumed = {}
-    if "resume" in given:
-        resumed = resumed_config(given)
+    if "resume" in given:                                    # the run's config.json, the flags that may change
+        try:
+            resumed = resumed_config(given, fields(Config), PATHS)
+        except ValueError as e:
+            die(one_line(e))
     preset = given.get("preset", resumed.get("preset"))
     task = given.get("task", resumed.get("task", Config.task))
     if preset is None and not resumed and task in HUB_TASKS:
@@ -210,71 +207,165 @@ def parse_config(argv=None):
     return cfg
 
 
-def resumed_config(given):
-    """The run's config.json; refuses a flag that would change what the run is (a different arm, lr, model...)."""
-    run = given["resume"]
+# ---------------------------------------------------------------------------------------------------------
+# Training: the recipe of the module docstring; guards at a step's start (sampling) and end (end_step)
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(argv)
     try:
-        saved = resumable_config(run, fields(Config))       # a whole train.py config.json, or one line
-    except ValueError as e:
+        kl = check_config(cfg)
+        if argv is None and not cfg.load_in_4bit and cfg.optim == "adamw":   # the command line, not a caller's process
+            sys.modules.setdefault("bitsandbytes", None)    # peft imports it if installed: ~1.2 s, here never used
+        if cfg.export:                                       # a command for another engine, no training
+            from tools.export import export
+            print(export(cfg, cfg.export).rstrip("\n"))
+            return 0
+        train_set, held_out = load_data(cfg)
+        if cfg.preset:
+            print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
+        run = start_run(cfg, argv)                           # the locked run folder, model, optimizer, metrics log
+    except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
         die(one_line(e))
-    names = {f.name: f.default for f in fields(Config)}
-    resumed = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
-    resumed.update({k: local(resumed[k]) for k in PATHS if k in resumed})       # from any working directory
-    resumed["eval_data"] = eval_files(resumed.get("eval_data", ()), local)
-    for k, v in given.items():
-        was = resumed.get(k, names[k])
-        if k not in RESUMABLE and same(v) != same(was):
-            die(f"--resume {run}: --{k.replace('_', '-')} {shown(v)} would change the run (it has {shown(was)}); "
-                f"only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE[1:-1])} may change on resume")
-    return resumed
-
-
-def load_data(cfg):
-    """Train set, held-out sets and the tokenizer; checks that every prompt + max_new_tokens fits the context."""
-    train = load_task(cfg.task, "train", seed=cfg.seed, path=cfg.data_path)
-    files = dict(item.partition("=")[::2] for item in cfg.eval_data)     # offline machines: no hub for test sets
-    if any(not f for f in files.values()) or len(files) < len(cfg.eval_data):
-        raise ValueError(f"--eval-data takes one TASK=FILE pair per task, got {' '.join(cfg.eval_data)}")
-    for name in files:                                       # a file for no held-out task would be ignored silently
-        if name not in (cfg.eval_tasks or (cfg.task,)):
-            raise ValueError(f"--eval-data {name}=...: {name} is not a held-out task of this run (those are: "
-                             f"{', '.join(cfg.eval_tasks or (cfg.task,))}; add it with --eval-tasks)")
-    held_out = {name: load_task(name, "test", n=cfg.eval_n, path=files.get(name))
-                for name in (cfg.eval_tasks or (cfg.task,))} if cfg.eval_n else {}
-    for name, rows in [(cfg.task, train), *held_out.items()]:
-        if not rows:
-            raise TaskError(f"task {name!r} has no examples")
-    from policy import check_model_source
-    from transformers import AutoConfig, AutoTokenizer
-    source = check_model_source(cfg.model)                  # a short name (smollm2-135m) -> its converted folder
+    from policy import clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd, peak_memory_gb, rollout_copy
+    model, G, N = run.model, cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    shared = G if cfg.share_prompt else 1                    # rows per prompt pass (policy._completion_hidden)
+    # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
+    # unless dropout would perturb it
+    nograd_policy_pass = cfg.lora_dropout > 0
+    sampler = rollout_copy(model) if cfg.rollout_bf16_copy else None    # CUDA only (check_config)
+    pbar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc="train", disable=None)
     try:
-        tok, model_cfg = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
-    except OSError as e:                                     # hub id not cached offline, no access, no such repo
-        raise OSError(f"cannot load model {cfg.model!r}: {one_line(e)[:160]}" + ("" if os.path.isdir(source) else
-                      "; without a network a hub id must be in the Hugging Face cache (HF_HUB_OFFLINE=1 says so at "
-                      "once); offline models: --model smollm2-135m (real_model.py) or the default tiny one")) from None
-    limit = max_lora_rank(source)
-    if limit and cfg.lora_r > limit:
-        raise ValueError(f"--lora-r {cfg.lora_r} exceeds {limit}, the smallest dimension of the layers LoRA adapts in "
-                         f"{cfg.model} (a larger rank adds parameters, not capacity)")
-    context = getattr(model_cfg.get_text_config(), "max_position_embeddings", None)
-    questions = sorted({ex["question"] for rows in (train, *held_out.values()) for ex in rows})
-    # the template adds the same text to every question: render only the 64 longest questions (rendering all 10k
-    # took ~4 s per run), so the longest prompt is among them up to a token or two at the seams, checked exactly
-    by_length = sorted(zip(map(len, tok(questions)["input_ids"]), questions))[-64:]
-    longest = max(len(ids) for ids in tok([build_prompt(tok, q, cfg.prompt_format, cfg.thinking)
-                                           for _, q in by_length])["input_ids"])
-    if context and longest + cfg.max_new_tokens > context:
-        raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the "
-                         f"model's context of {context} tokens")
-    return train, held_out
+        for step in pbar:
+            if held_out and step % (cfg.eval_every or cfg.steps + 1) == 0:
+                run.log.records(evaluate(model, run.tok, cfg, held_out, step, run.out))
+            # 1. sample: P prompts × G completions from the behaviour policy μ (and log μ when μ is a stale copy)
+            t0 = clock()
+            batch, ro, behav_logp, nograd_rows, t1 = sample(run, cfg, train_set, sampler, step)
+            mask = ro["completion_mask"]                     # (N, C) 1 on completion tokens up to their EOS
+            # 2. score: task rewards, log π_ref (and the reference's hidden states for the exact KL diagnostics)
+            rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
+                                    zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
+            # exact KLs need full logits: the first few rows suffice, every --diag-every steps
+            D = min(N, cfg.micro_batch_size, 64) if cfg.diag_every and step % cfg.diag_every == 0 else 0
+            with model.disable_adapter():
+                ref_logp, ref_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared)   # (N, C) π_ref
+            sg_logp, sg_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared) if nograd_policy_pass \
+                else (None, None)
+            t2 = clock()
+            # 3. loss: advantages and policy_loss per micro-batch of whole groups; gradients add up
+            logp, hs = backward(run, cfg, kl, ro, rewards, ref_logp, sg_logp, behav_logp, D, step)   # (N, C), no grad
+            t3 = clock()
+            # exact KLs from the states those passes computed (the policy's from the no-grad pass when dropout is on)
+            exact = kl_stats_from_hidden(model, sg_h if nograd_policy_pass else torch.cat(hs), ref_h,
+                                         cfg.temperature) if D else {}
+            # 4. step: clip, one AdamW step
+            t4 = clock()
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf")).item()
+            check_grad_norm(grad_norm, step)                 # a non-finite norm stops before the weights change
+            run.optimizer.step()
+            t5 = clock()
+            rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
+                                                                  behav_logp), **exact, "grad_norm": grad_norm,
+                   "truncated_frac": ro["truncated"].float().mean().item(),
+                   "time_generate": t1 - t0, "time_no_grad": t2 - t1 + t4 - t3, "time_policy": t3 - t2,
+                   "time_optimizer": t5 - t4, "time_step": t5 - t0,
+                   "tokens_per_s": ro["attention_mask"].sum().item() / (t5 - t0), "peak_mem_gb": peak_memory_gb()}
+            end_step(run, cfg, step, rec, rewards, logp, mask)   # checks, the metrics record, the checkpoint when due
+            progress(pbar, cfg, step, rec)
+    except Stop as e:                                        # one line naming the last good checkpoint, exit 1
+        print(f"train.py: error: {e}; {last_checkpoint(run.out)}", file=sys.stderr)
+        return 1
+    pbar.close()
+    run.log.records(evaluate(model, run.tok, cfg, held_out, cfg.steps, run.out))
+    run.log.close()
+    from tools.report import report                          # summary table on stdout, metrics.png
+    report(run.out)
+    return 0
+
+
+def sample(run, cfg, train_set, sampler, step):
+    """1. sample: P prompts (drawn with the step's seed) × G completions from the behaviour policy μ: π_θ, or with
+    --async-level N the adapters of N steps ago, swapped in for the rollout and for μ's log-probs.
+    -> batch (P examples), ro (policy.rollout's dict: input_ids (N, L), completion_mask (N, C), texts, ...),
+       behav_logp ((N, C) log μ, or None on-policy), nograd_rows (rows per no-grad pass), the clock after generate."""
+    from policy import (adapter_snapshot, clock, logprobs_in_chunks, nograd_passes, reset_peak_memory, rollout,
+                        swapped_adapter, sync_rollout_copy)
+    model, G, N = run.model, cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    rng = random.Random(cfg.seed * 100003 + step)           # per-step seeds: a resumed run replays exactly
+    batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
+        rng.choices(train_set, k=cfg.prompts_per_step)
+    prompts = [build_prompt(run.tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in batch]
+    model.eval()                                             # generate and no-grad passes: no dropout, KV cache on
+    if cfg.async_level:
+        run.snapshots.append(adapter_snapshot(model))
+    behaviour = swapped_adapter(model, run.snapshots[0], live=run.snapshots[-1]) if cfg.async_level else nullcontext()
+    reset_peak_memory()                                      # peak_mem_gb: this step's peak
+    with behaviour, finite_sampling(step, run.out):
+        ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, run.tok, prompts, G, cfg.max_new_tokens,
+                     cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
+                     compile=cfg.compile_decode)
+        t1 = clock()
+        # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory)
+        nograd_rows = nograd_passes(model, N, G, ro["input_ids"].shape[1], cfg.memory_budget_gb)
+        behav_logp = logprobs_in_chunks(model, ro, nograd_rows, cfg.temperature, 0, G if cfg.share_prompt else 1)[0] \
+            if cfg.async_level else None
+    return batch, ro, behav_logp, nograd_rows, t1
+
+
+def backward(run, cfg, kl, ro, rewards, ref_logp, sg_logp, behav_logp, D, step):
+    """3. loss: per micro-batch of whole groups (a group's baseline needs all its members), log π_θ with grad,
+    advantages from its detached copy (kl_rl.shaped_advantages), kl_rl.policy_loss, backward; gradients add up.
+    -> logp (N, C) detached, and the hidden states of the first D rows (exact KL diagnostics). A non-finite loss
+    stops the run before its backward (guards.check_loss)."""
+    from policy import release_freed_memory, token_logprobs
+    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    mb = max(1, cfg.micro_batch_size // G) * G              # whole groups
+    ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    logps, hs = [], []
+    for sl in (slice(i, i + mb) for i in range(0, N, mb)):   # (n, C) with grad, and hidden states for the exact KLs
+        logp, h = token_logprobs(run.model, ids[sl], attn[sl], P, cfg.temperature, keep_hidden=max(0, D - sl.start),
+                                 group_size=G if cfg.share_prompt else 1)
+        advantages, _ = shaped_advantages(rewards[sl], logp.detach() if sg_logp is None else sg_logp[sl],
+                                          ref_logp[sl], mask[sl], G, cfg.beta, kl, cfg.adv)   # (n, C)
+        loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages, cfg.beta, kl,
+                              None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, n_seqs=N,
+                              token_budget=cfg.token_budget)
+        check_loss(loss, m, step)
+        loss.backward()
+        logps.append(logp.detach())
+        hs.append(h)
+    release_freed_memory()                                   # the pass's freed activations leave RSS (CPU, glibc)
+    return torch.cat(logps), hs
+
+
+def progress(pbar, cfg, step, rec):
+    """The bar's reward / KL / length, or, without a terminal (a log file, a scheduler), a line every 5% of steps."""
+    pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
+    if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:
+        print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "
+              f"{rec['time_step']:.2f} s/step", file=sys.stderr, flush=True)
+
+
+def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
+    """Rewards, the three sequence KL estimates, both loss terms and ratio stats of the whole batch (no grad)."""
+    advantages, adv_metrics = shaped_advantages(rewards, logp if sg_logp is None else sg_logp, ref_logp, mask,
+                                                cfg.group_size, cfg.beta, kl, cfg.adv)
+    _, loss_metrics = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, kl, behav_logp, cfg.ratio_clip,
+                                  token_budget=cfg.token_budget)
+    # for an in-reward KL, kl_term is 0 by design: the penalty β·Σk it subtracts from the reward is logged beside it
+    return {**adv_metrics, "kl_penalty": adv_metrics["reward"] - adv_metrics["shaped_reward"],
+            "accuracy": (rewards > 0.5).float().mean().item(),
+            **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **loss_metrics,
+            "loss": loss_metrics["pg_term"] + loss_metrics["kl_term"], "completion_len": mask.sum(1).mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Helpers: no-grad passes, evaluation, checkpoints, the run folder
+# The run's edges: held-out evaluation, and the start (lock, checks, model, config.json, optimizer)
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, tok, cfg, held_out, step):
+def evaluate(model, tok, cfg, held_out, step, out):
     """Held-out accuracy (greedy and/or sampled at --temperature) on each eval task -> list of JSONL records."""
     from policy import rollout
     model.eval()
@@ -284,8 +375,9 @@ def evaluate(model, tok, cfg, held_out, step):
         prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in rows]
         for mode in cfg.eval_modes:
             t0 = time.time()
-            ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
-                         seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
+            with finite_sampling(step, out):
+                ro = rollout(model, tok, prompts, 1, cfg.max_new_tokens, 0.0 if mode == "greedy" else cfg.temperature,
+                             seed=cfg.seed * 100003 + 10**9 + step, batch_size=cfg.rollout_batch_size)
             rec[f"{mode}_acc"] = sum(reward(name, t, ex) > 0.5 for t, ex in zip(ro["texts"], rows)) / len(rows)
             rec[f"{mode}_len"] = ro["completion_mask"].sum(1).mean().item()
             # a held-out evaluation of a real model takes minutes: never silent, in a terminal or a log file
@@ -296,10 +388,10 @@ def evaluate(model, tok, cfg, held_out, step):
 
 
 def start_run(cfg, argv):
-    """Model, tokenizer, optimizer, the metrics log and the first step (0, or the resumed checkpoint's).
-    The run folder is locked first (one writer; held until the process exits). Everything that can fail on bad input
-    (the checkpoint, the model files, the run folder) is tried before the run folder is written, so a failed start
-    loses nothing and leaves no folder it made."""
+    """-> the run: out, model, tok, params, optimizer, snapshots, log, start (0, or the resumed checkpoint's step),
+    zeros (zero_gradient's count). The run folder is locked first (one writer; held until the process exits) and read
+    through its pinned descriptor (at). Everything that can fail on bad input (the checkpoint, the model files, the
+    run folder) is tried before the run folder is written, so a failed start loses nothing and leaves no folder."""
     from policy import load_policy
     if cfg.threads and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(cfg.threads)
@@ -309,31 +401,20 @@ def start_run(cfg, argv):
         stop_on_signals(out)
     try:
         check_out(cfg, out)
-        state = read_state(cfg.resume) if cfg.resume else None
-        if state and read_adapter_config(checkpoint_dir(cfg.resume), cfg.model)["r"] != cfg.lora_r:
-            raise ValueError(f"--resume {cfg.resume}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
-        if state:                                            # provenance is written once, when the run starts
-            saved = read_json(at(out, "config.json"))
-            provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id", "machine")}
-            now = model_identity(cfg.model)                  # a run started before full hashing has the sampled id
-            if provenance["model_id"] and provenance["model_id"] not in (now, legacy_identity(cfg.model)):
-                raise ValueError(f"--resume {cfg.resume}: base model {cfg.model} has model_id {now}, but this run was "
-                                 f"trained on model_id {provenance['model_id']} (another model, or its files changed)")
-            kept = metrics_until(out, state["step"])        # a corrupt metrics.jsonl refuses before anything is written
-            read_records(at(out, "resumes.jsonl"), shown=os.path.join(out, "resumes.jsonl"))   # so does resumes.jsonl
+        state, provenance, kept = check_resume(cfg, out) if cfg.resume else (None, None, None)
         torch.manual_seed(cfg.seed)                          # LoRA initialisation
         try:
             model, tok = load_policy(cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
                                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
-                                     adapter=checkpoint_dir(cfg.resume) if cfg.resume else None, dtype=cfg.dtype)
+                                     adapter=checkpoint_dir(at(out)) if state else None, dtype=cfg.dtype)
         except (OSError, RuntimeError, SafetensorError, UnpicklingError) as e:   # no weights, a truncated file, a pickle
             raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}") from None
     except BaseException:
         release_run(out, made)                               # a failed start leaves no folder behind
         raise
     commit, dirty = code_version()
-    if not state:
+    if not state:                                            # provenance is written once, when the run starts
         provenance = {"code_commit": commit, "code_dirty": dirty, "model_id": model_identity(cfg.model),
                       "machine": machine()}
     stored = {**asdict(cfg), "out": out, **provenance}
@@ -358,159 +439,9 @@ def start_run(cfg, argv):
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     snapshots = deque(maxlen=cfg.async_level + 1)           # adapters at the start of the last N+1 steps
     start = restore(state, optimizer, snapshots) if state else 0
-    log = Log(out, append=bool(state))                      # a fresh run never appends to an old file
-    return out, model, tok, params, optimizer, snapshots, log, start
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training: the recipe of the module docstring
-# ---------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    cfg = parse_config(argv)
-    try:
-        kl = check_config(cfg)
-        if argv is None and not cfg.load_in_4bit and cfg.optim == "adamw":   # the command line, not a caller's process
-            sys.modules.setdefault("bitsandbytes", None)    # peft imports it if installed: ~1.2 s, here never used
-        if cfg.export:                                       # a command for another engine, no training
-            from tools.export import export
-            print(export(cfg, cfg.export).rstrip("\n"))
-            return 0
-        train_set, held_out = load_data(cfg)
-        if cfg.preset:
-            print(f"train.py: preset {cfg.preset} (model {cfg.model}); explicit flags override it", file=sys.stderr)
-        out, model, tok, params, optimizer, snapshots, log, start = start_run(cfg, argv)
-    except (ValueError, OSError) as e:                      # TaskError and ExportError are ValueErrors
-        die(one_line(e))
-    from policy import (adapter_snapshot, clock, kl_stats_from_hidden, logprobs_in_chunks as logprobs_nograd,
-                        nograd_passes, peak_memory_gb, release_freed_memory, reset_peak_memory, rollout, rollout_copy,
-                        swapped_adapter, sync_rollout_copy, token_logprobs)
-    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
-    mb = max(1, cfg.micro_batch_size // G) * G              # whole groups: a group's baseline needs all its members
-    rows = [slice(i, i + mb) for i in range(0, N, mb)]
-    # sg(log π_θ) (an in-reward KL) and the policy half of the exact KL diagnostics come from the grad pass itself,
-    # unless dropout would perturb it
-    nograd_policy_pass = cfg.lora_dropout > 0
-    shared = G if cfg.share_prompt else 1                    # rows per prompt pass (policy._completion_hidden)
-    sampler = rollout_copy(model) if cfg.rollout_bf16_copy else None    # CUDA only (check_config)
-
-    def write(rec):
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-
-    zeros = {"zeros": 0, "moved": False, "warned": False}   # steps with gradient norm exactly 0 (zero_gradient)
-    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=None)
-    for step in pbar:
-        if held_out and step % (cfg.eval_every or cfg.steps + 1) == 0:
-            with finite_sampling(step, out):
-                for rec in evaluate(model, tok, cfg, held_out, step):
-                    write(rec)
-        # 1. sample: P prompts × G completions from the behaviour policy μ -------------------------------------
-        t0 = clock()
-        rng = random.Random(cfg.seed * 100003 + step)       # per-step seeds: a resumed run replays exactly
-        batch = rng.sample(train_set, cfg.prompts_per_step) if cfg.prompts_per_step <= len(train_set) else \
-            rng.choices(train_set, k=cfg.prompts_per_step)
-        prompts = [build_prompt(tok, ex["question"], cfg.prompt_format, cfg.thinking) for ex in batch]
-        model.eval()                                         # generate and no-grad passes: no dropout, KV cache on
-        if cfg.async_level:
-            snapshots.append(adapter_snapshot(model))
-        behaviour = swapped_adapter(model, snapshots[0], live=snapshots[-1]) if cfg.async_level else nullcontext()
-        reset_peak_memory()                                  # peak_mem_gb: this step's peak
-        with behaviour, finite_sampling(step, out):
-            ro = rollout(sync_rollout_copy(sampler, model) if sampler else model, tok, prompts, G, cfg.max_new_tokens,
-                         cfg.temperature, seed=cfg.seed * 100003 + step, batch_size=cfg.rollout_batch_size,
-                         compile=cfg.compile_decode)
-            t1 = clock()
-            # no-grad passes keep no activations: as many rows per pass as the memory budget holds (README: Memory)
-            nograd_rows = nograd_passes(model, N, G, ro["input_ids"].shape[1], cfg.memory_budget_gb)
-            behav_logp = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, 0, shared)[0] if cfg.async_level \
-                else None
-        ids, attn, P, mask = ro["input_ids"], ro["attention_mask"], ro["prompt_len"], ro["completion_mask"]
-        # 2. score: task rewards, log π_ref (and the reference's hidden states for the exact KL diagnostics) ------
-        rewards = torch.tensor([reward(cfg.task, text, ex) for text, ex in
-                                zip(ro["texts"], (ex for ex in batch for _ in range(G)))], device=mask.device)  # (N,)
-        # exact KLs need full logits: the first few rows suffice, every --diag-every steps
-        D = min(N, cfg.micro_batch_size, 64) if cfg.diag_every and step % cfg.diag_every == 0 else 0
-        with model.disable_adapter():
-            ref_logp, ref_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared)   # (N, C) π_ref
-        sg_logp, sg_h = logprobs_nograd(model, ro, nograd_rows, cfg.temperature, D, shared) if nograd_policy_pass \
-            else (None, None)
-        t2 = clock()
-        # 3. loss: advantages and policy_loss per micro-batch of whole groups; gradients add up ----------------
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        logps, hs = [], []
-        for sl in rows:                                      # (n, C) with grad, and hidden states for the exact KLs
-            logp, h = token_logprobs(model, ids[sl], attn[sl], P, cfg.temperature, keep_hidden=max(0, D - sl.start),
-                                     group_size=shared)
-            advantages, _ = shaped_advantages(rewards[sl], logp.detach() if sg_logp is None else sg_logp[sl],
-                                              ref_logp[sl], mask[sl], G, cfg.beta, kl, cfg.adv)   # (n, C)
-            loss, m = policy_loss(logp, ref_logp[sl], mask[sl], advantages, cfg.beta, kl,
-                                  None if behav_logp is None else behav_logp[sl], cfg.ratio_clip, n_seqs=N,
-                                  token_budget=cfg.token_budget)
-            if not math.isfinite(loss.item()):
-                bad = " and ".join(t[:-5] for t in ("pg_term", "kl_term") if not math.isfinite(m[t])) or "total"
-                print(f"train.py: error: non-finite loss at step {step} ({bad} term: pg_term={m['pg_term']}, "
-                      f"kl_term={m['kl_term']}); {last_checkpoint(out)}", file=sys.stderr)
-                return 1
-            loss.backward()
-            logps.append(logp.detach())
-            hs.append(h)
-        release_freed_memory()                               # the pass's freed activations leave RSS (CPU, glibc)
-        t3 = clock()
-        # exact KLs from the states those passes computed (the policy's from the no-grad pass when dropout is on)
-        exact = kl_stats_from_hidden(model, sg_h if nograd_policy_pass else torch.cat(hs), ref_h, cfg.temperature) \
-            if D else {}
-        # 4. step ------------------------------------------------------------------------------------------------
-        t4 = clock()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-        if not math.isfinite(grad_norm):
-            print(f"train.py: error: non-finite gradient norm at step {step}; {last_checkpoint(out)}", file=sys.stderr)
-            return 1
-        optimizer.step()
-        t5 = clock()
-        if (bad := first_nonfinite(model)) is not None:     # before anything of this step is logged or saved
-            print(f"train.py: error: non-finite parameter {bad} after the optimizer step at step {step}; "
-                  f"{last_checkpoint(out)}", file=sys.stderr)
-            return 1
-
-        logp = torch.cat(logps)                              # (N, C) the whole batch's metrics, no grad
-        rec = {"type": "train", "step": step, **batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask,
-                                                              behav_logp), **exact, "grad_norm": grad_norm,
-               "truncated_frac": ro["truncated"].float().mean().item(),
-               "time_generate": t1 - t0, "time_no_grad": t2 - t1 + t4 - t3, "time_policy": t3 - t2,
-               "time_optimizer": t5 - t4, "time_step": t5 - t0, "tokens_per_s": attn.sum().item() / (t5 - t0),
-               "peak_mem_gb": peak_memory_gb()}
-        write(rec)
-        if (stop := zero_gradient(zeros, cfg, step, grad_norm, rewards, logp, mask)) is not None:
-            print(f"train.py: error: {stop}; {last_checkpoint(out)}", file=sys.stderr)
-            return 1
-        pbar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_k1']:.4f}", len=f"{rec['completion_len']:.1f}")
-        if pbar.disable and (step + 1) % max(1, cfg.steps // 20) == 0:   # a log file or a scheduler: no bar
-            print(f"train.py: step {step + 1}/{cfg.steps}  reward {rec['reward']:.3f}  kl_k1 {rec['kl_k1']:.4f}  "
-                  f"{rec['time_step']:.2f} s/step", file=sys.stderr, flush=True)
-        if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save(out, model, optimizer, step + 1, snapshots)
-    pbar.close()
-    with finite_sampling(cfg.steps, out):
-        for rec in evaluate(model, tok, cfg, held_out, cfg.steps):
-            write(rec)
-    log.close()
-    from tools.report import report                          # summary table and metrics.png
-    report(out)
-    return 0
-
-
-def batch_metrics(cfg, kl, rewards, logp, sg_logp, ref_logp, mask, behav_logp):
-    """Rewards, the three sequence KL estimates, both loss terms and ratio stats of the whole batch (no grad)."""
-    advantages, adv_metrics = shaped_advantages(rewards, logp if sg_logp is None else sg_logp, ref_logp, mask,
-                                                cfg.group_size, cfg.beta, kl, cfg.adv)
-    _, loss_metrics = policy_loss(logp, ref_logp, mask, advantages, cfg.beta, kl, behav_logp, cfg.ratio_clip,
-                                  token_budget=cfg.token_budget)
-    # for an in-reward KL, kl_term is 0 by design: the penalty β·Σk it subtracts from the reward is logged beside it
-    return {**adv_metrics, "kl_penalty": adv_metrics["reward"] - adv_metrics["shaped_reward"],
-            "accuracy": (rewards > 0.5).float().mean().item(),
-            **{f"kl_{k}": v for k, v in seq_kl_values(logp, ref_logp, mask).items()}, **loss_metrics,
-            "loss": loss_metrics["pg_term"] + loss_metrics["kl_term"], "completion_len": mask.sum(1).mean().item()}
+    return SimpleNamespace(out=out, model=model, tok=tok, params=params, optimizer=optimizer, snapshots=snapshots,
+                           log=Log(out, append=bool(state)),   # a fresh run never appends to an old file
+                           start=start, zeros={"zeros": 0, "moved": False, "warned": False})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
+import graders
 import tasks
 from tasks import reward
 
@@ -45,9 +46,9 @@ BATTERY = {  # name -> adversarial text; each is also tried inside <answer></ans
 
 def warm_grader():
     """Start the math grader outside the timed call: a timed-out grader is restarted by the next call."""
-    if tasks._grader["proc"] is None or tasks._grader["proc"].poll() is not None:
-        tasks._stop_grader()
-        tasks._grader["proc"] = tasks._start_grader()
+    if graders._grader["proc"] is None or graders._grader["proc"].poll() is not None:
+        graders._stop_grader()
+        graders._grader["proc"] = graders._start_grader()
 
 
 @pytest.mark.parametrize("case", list(BATTERY))
@@ -78,10 +79,10 @@ def test_countdown_accepts_padded_correct_answers(text):
 
 
 def test_countdown_expression_bound_and_deep_nesting():
-    assert tasks.countdown_value("(" * 150 + "3 + 5" + ")" * 150 + " * 2", [3, 5, 2]) == 16   # 305 chars: fine
-    assert tasks.countdown_value("(" * 600 + "3 + 5" + ")" * 600 + " * 2", [3, 5, 2]) is None  # > CD_MAX_CHARS
-    assert tasks.countdown_value("(" * 300 + "3 + 5" + ")" * 300 + " * 2", [3, 5, 2]) is None  # parser: > 200 deep
-    assert tasks.countdown_value("3 5 + 2", [3, 5, 2]) is None and tasks.countdown_value("35 + 2", [35, 2]) == 37
+    assert graders.countdown_value("(" * 150 + "3 + 5" + ")" * 150 + " * 2", [3, 5, 2]) == 16   # 305 chars: fine
+    assert graders.countdown_value("(" * 600 + "3 + 5" + ")" * 600 + " * 2", [3, 5, 2]) is None  # > CD_MAX_CHARS
+    assert graders.countdown_value("(" * 300 + "3 + 5" + ")" * 300 + " * 2", [3, 5, 2]) is None  # parser: > 200 deep
+    assert graders.countdown_value("3 5 + 2", [3, 5, 2]) is None and graders.countdown_value("35 + 2", [35, 2]) == 37
 
 
 @pytest.mark.parametrize("text", ["١٧", "１７", "The sum is ١٧."])   # Arabic-Indic and full-width digits
@@ -93,7 +94,7 @@ def test_non_ascii_digits_do_not_count(text):
 def test_non_ascii_digits_in_countdown_and_mmlu():
     assert reward("countdown", "<answer>(３ + 5) * 2</answer>", CD) == 0.0
     assert reward("countdown", "<answer>(\u0663 + 5) * 2</answer>", CD) == 0.0
-    assert tasks.mmlu_letter("Answer: Ｂ") is None
+    assert graders.mmlu_letter("Answer: Ｂ") is None
 
 
 # ------------------------------------------------------------------------------------------------------ math grader
@@ -120,7 +121,7 @@ def test_math_repeated_timeouts_cost_the_timeout_once(monkeypatch):
 def test_math_grader_survives_its_starting_thread():
     """Linux's parent-death signal fires when the *thread* that started the grader exits: a later request must
     still be graded (the grader is restarted), not scored 0."""
-    tasks._stop_grader()
+    graders._stop_grader()
     th = threading.Thread(target=warm_grader)
     th.start()
     th.join(60)
@@ -131,10 +132,11 @@ def test_math_grader_survives_its_starting_thread():
 CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+import graders
 import tasks
 tasks.GRADE_TIMEOUT = 600
-tasks._grader["proc"] = tasks._start_grader()
-print(tasks._grader["proc"].pid, flush=True)
+graders._grader["proc"] = graders._start_grader()
+print(graders._grader["proc"].pid, flush=True)
 tasks.reward("math", "\\boxed{9^{9^{9^{9}}}}", {"answer": "2"})   # keeps math-verify busy in C code for minutes
 """
 

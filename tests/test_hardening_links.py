@@ -16,6 +16,7 @@ import pytest
 
 from tools import real_model
 import run_folder
+from tools import provenance
 import train
 from conftest import fail_writes
 from test_run_folder import SMALL, fails_with_one_line, finished  # noqa: F401 (finished: a fixture used here)
@@ -227,9 +228,9 @@ def test_a_corrupt_resumes_jsonl_refuses_before_config_json_is_rewritten(run, ca
 
 def test_a_run_from_before_full_hashing_still_resumes(run, finished, capsys):
     """Runs started before model_id hashed every byte recorded the sampled fingerprint; they stay resumable against
-    the same model (run_folder.legacy_identity), and another model is still refused."""
+    the same model (provenance.legacy_identity), and another model is still refused."""
     cfg = json.loads((run / "config.json").read_text())
-    legacy = run_folder.legacy_identity(cfg["model"])
+    legacy = provenance.legacy_identity(cfg["model"])
     assert legacy and legacy != cfg["model_id"]
     (run / "config.json").write_text(json.dumps({**cfg, "model_id": legacy}))
     assert train.main(["--resume", str(run), "--steps", "4"]) == 0
@@ -318,9 +319,9 @@ def flip(path, offset):
 def test_model_identity_sees_a_byte_outside_any_sample_and_a_resume_refuses_it(finished, run, tmp_path, capsys):
     model = shutil.copytree(finished[1], tmp_path / "model")
     weights = model / "model.safetensors"
-    before = run_folder.model_identity(str(model))
+    before = provenance.model_identity(str(model))
     flip(weights, unsampled_offset(weights))
-    assert run_folder.model_identity(str(model)) != before
+    assert provenance.model_identity(str(model)) != before
     saved = json.loads((run / "config.json").read_text())
     saved["model"] = str(model)
     (run / "config.json").write_text(json.dumps(saved))

@@ -20,6 +20,7 @@ import torch
 import guards
 from conftest import fail_writes
 import run_folder
+from tools import provenance, tiny_model
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,47 +61,48 @@ def test_code_version_is_the_checkout_or_none():
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         head = ""
-    commit, dirty = run_folder.code_version()
+    commit, dirty = provenance.code_version()
     if head:
         assert commit == head and isinstance(dirty, bool)
-    assert run_folder.code_version("/") == (None, None)                    # not a repository: None, never a crash
+    assert provenance.code_version("/") == (None, None)                    # not a repository: None, never a crash
     path = os.environ["PATH"]
     try:
         os.environ["PATH"] = ""                                           # no git installed
-        assert run_folder.code_version() == (None, None)
+        assert provenance.code_version() == (None, None)
     finally:
         os.environ["PATH"] = path
 
 
 def test_model_identity_follows_content_not_location(model, model_dir, tmp_path):
-    ident = run_folder.model_identity(str(model))
-    assert len(ident) == 16 and ident == run_folder.model_identity(model_dir)
+    ident = provenance.model_identity(str(model))
+    assert len(ident) == 16 and ident == provenance.model_identity(model_dir)
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in os.listdir(model):                                           # a plain copy: new mtimes, same bytes
         (copy / f).write_bytes((model / f).read_bytes())
     (copy / "README.md").write_text("notes")                              # a file loading never reads
-    assert run_folder.model_identity(str(copy)) == ident
-    other = __import__("tiny_model").build_random_model(str(tmp_path / "other"), seed=1, hidden_size=64,
+    assert provenance.model_identity(str(copy)) == ident
+    other = tiny_model.build_random_model(str(tmp_path / "other"), seed=1, hidden_size=64,
                                                          intermediate_size=128, num_hidden_layers=2)
     assert os.path.getsize(os.path.join(other, "model.safetensors")) == os.path.getsize(model / "model.safetensors")
-    assert run_folder.model_identity(other) != ident                      # same shapes and sizes, other weights
+    assert provenance.model_identity(other) != ident                      # same shapes and sizes, other weights
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
-    assert run_folder.model_identity(str(copy)) != ident
-    assert run_folder.model_identity("no/such-hub-id") is None
+    assert provenance.model_identity(str(copy)) != ident
+    assert provenance.model_identity("no/such-hub-id") is None
 
 
 def test_config_records_provenance_and_paths_relative_to_the_repository(model, tmp_path, monkeypatch, capsys):
     repo = tmp_path / "repo"                                              # a checkout that is not a git repository
     shutil.copytree(model, repo / "models" / "m")
-    monkeypatch.setattr(run_folder, "REPO", str(repo), raising=False)
+    monkeypatch.setattr(run_folder, "REPO", str(repo))                   # where portable() stores paths from
+    monkeypatch.setattr(provenance, "REPO", str(repo))                   # where code_version() asks git
     monkeypatch.chdir(repo)
     assert train.main(["--model", "models/m", "--out", "runs/r", *SMALL]) == 0
     cfg = json.load(open(repo / "runs" / "r" / "config.json"))
     assert cfg["model"] == "models/m" and cfg["out"] == "runs/r" and cfg["resume"] is None
     assert cfg["code_commit"] is None and cfg["code_dirty"] is None      # no git repository: null
-    assert cfg["model_id"] == run_folder.model_identity(str(model))
+    assert cfg["model_id"] == provenance.model_identity(str(model))
     monkeypatch.chdir(tmp_path)                                           # resume from another working directory
     assert train.main(["--resume", str(repo / "runs" / "r"), "--steps", "3"]) == 0
     cfg2 = json.load(open(repo / "runs" / "r" / "config.json"))
@@ -121,7 +123,7 @@ def test_resume_refuses_another_base_model(finished, tmp_path, capsys):
     try:
         (model / "config.json").write_text(json.dumps({**json.loads(text), "rms_norm_eps": 1e-3}))   # same shapes
         line = fails_with_one_line(capsys, ["--resume", str(out), "--steps", "4"])
-        assert recorded and recorded in line and run_folder.model_identity(str(model)) in line
+        assert recorded and recorded in line and provenance.model_identity(str(model)) in line
     finally:
         (model / "config.json").write_text(text)
     assert (out / "config.json").read_text() == before and not (out / "resumes.jsonl").exists()
@@ -172,7 +174,7 @@ def test_two_processes_on_one_folder_one_wins_and_ctrl_c_names_its_checkpoint(mo
                 p.wait()
     lines = [line for line in err.splitlines() if line.startswith("train.py:")
              and not line.startswith(("train.py: step ", "train.py: warning"))]
-    step = train.read_state(str(out))["step"]
+    step = run_folder.read_state(str(out))["step"]
     assert wp.returncode == 130 and len(lines) == 1 and "Traceback" not in err, (wp.returncode, err[-2000:])
     assert lines[0] == f"train.py: stopped by SIGINT; last good checkpoint: {out / 'checkpoint'} (step {step})"
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]          # every line parses
@@ -412,7 +414,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_intact_one(model_dir, tmp_pat
                                         "--save-every", "1"], code=1)
     assert "cannot write the step-2 checkpoint (" in line and "No space left on device" in line
     assert f"last good checkpoint: {out / 'checkpoint'} (step 1)" in line
-    assert not (out / "checkpoint.tmp").exists() and train.read_state(str(out))["step"] == 1
+    assert not (out / "checkpoint.tmp").exists() and run_folder.read_state(str(out))["step"] == 1
 
 
 def test_sigterm_handler_names_the_last_checkpoint(model_dir, tmp_path, capsys):

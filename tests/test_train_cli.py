@@ -188,7 +188,7 @@ def test_help_is_readable_and_does_not_load_the_model_stack(capsys):
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "LOADED []" in p.stdout, p.stdout[-300:]
     text = p.stdout
-    assert "examples:" in text and "--resume" in text
+    assert "Commands" in text and "--resume" in text
     assert "(default: ())" not in text and "(0.0, 8.0)" not in text and "(default: None)" not in text
     assert "default: 0.0 8.0" in text and "default: off" in text
     assert "default: the training task's) (default" not in text                  # no default said twice

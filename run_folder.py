@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from tools.provenance import WEIGHT_FILES, code_version  # noqa: F401  (code_version: comedy.py imports it here until it moves)
+from tools.provenance import WEIGHT_FILES
 
 REPO = os.path.dirname(os.path.abspath(__file__))          # the checkout train.py runs from
 

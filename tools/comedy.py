@@ -359,7 +359,7 @@ def main(argv=None):
         args.arms = [a for a in args.arms if any(k[0] == a for k in todo)]
         args.betas = sorted({k[1] for k in todo if k[0] != "none"}) or args.betas
     if done and len(done) < len(todo):             # before hours of new runs: would they mix with these?
-        from run_folder import code_version
+        from tools.provenance import code_version
         (commit, dirty), now = one_version(done, f"{args.out}/runs"), code_version()
         if (commit, dirty) != now:
             sys.exit(f"comedy.py: error: the {len(done)} finished runs in {args.out}/runs come from code "

@@ -1,52 +1,41 @@
 """eval.py -- held-out evaluation with error bars: greedy accuracy, unbiased pass@k, bootstrap CIs, paired compare.
 
 What it implements
-  For every task (problems and graders come from tasks.py: load_task(name, "test"), reward) it generates, per
-  problem, one greedy completion and n samples (--samples, default 8 as in the README's tables) at temperature T,
-  from the base model or from base + a saved LoRA adapter, with the same chat template either way
-  (tasks.build_prompt). Per task it reports
-    greedy acc       fraction of problems whose greedy completion is correct (the low-noise number the paper's
-                     reviewers asked for, next to T=1 pass@1)
-    pass@k           unbiased estimator (Chen et al. 2021) for every k <= n: per problem 1 - C(n-c, k)/C(n, k),
-                     with c the correct samples, averaged over problems; pass@1 is the mean sample accuracy
-    95% CI           percentile bootstrap over problems (resample problems with replacement, 1000 times, seeded)
-    len, trunc       mean completion length in tokens (EOS included) and the fraction that hit --max-new-tokens
-  --compare puts result files side by side and gives, for each file against the first, B - A with a *paired*
-  bootstrap: one resampling of problem indices shared by both files, i.e. a bootstrap of the per-problem
-  differences. It is much tighter than two overlapping independent CIs, because problem difficulty cancels.
-
-Tables
-  Columns are letters: A is the first file (or the only model), B, C, ... the others; a legend above the tables names
-  each (run, file, model, adapter, n, T), and "B − A" is the paired difference. A * marks a difference whose 95% CI
-  excludes 0 and whose size is at least MIN_DIFF = 0.01 (1 token for lengths): with many problems a negligible
-  difference can exclude 0 too. A line under the tables says so. A task on which every model scores 0.000 on greedy
-  acc and every pass@k gets a note: it is out of reach for these models, and its zero differences mean nothing.
+  For every task (problems and graders from tasks.py: load_task(name, "test"), reward) it generates, per problem,
+  one greedy completion and n samples (--samples, default 8 as in the README's tables) at temperature T, from the
+  base model or base + a saved LoRA adapter, with the same prompt either way (tasks.build_prompt). Per task:
+    greedy acc   fraction of problems whose greedy completion is correct (the low-noise number, next to T=1 pass@1)
+    pass@k       unbiased (Chen et al. 2021), every k <= n: mean over problems of 1 - C(n-c, k)/C(n, k), c correct
+    95% CI       percentile bootstrap over problems (resampled with replacement, 1000 times, seeded)
+    len, trunc   mean completion length in tokens (EOS included) and the fraction that hit --max-new-tokens
+  --compare puts result files side by side (columns A = the first file, B, ..., named in a legend) with B - A from a
+  *paired* bootstrap: one resampling of problems shared by both files, much tighter than two overlapping CIs as
+  problem difficulty cancels. A * marks a difference that matters (star); a note, a task all score 0 on.
 
 Simplifications
   - HF generate only (policy.rollout), true sampling: no top-k/top-p, so T=1 samples are the trained policy.
   - The CIs cover the choice of problems and samples, not of training seeds: train several seeds and --compare
     their files. Percentile CIs are too narrow when there are few problems and accuracy is near 0 or 1.
-  - Per-problem records (correct flags, lengths, greedy text) are saved so everything can be re-aggregated;
-    --compare recomputes all numbers from them.
+  - Per-problem records (correct flags, lengths, greedy text) are saved; --compare recomputes every number from them.
 
 Commands
   python eval.py                      # offline CPU demo (<1 min): assets/tiny-arith vs the latest run in runs/
   python eval.py --adapter runs/NAME --tasks arith,arith_spaced --samples 8    # base model read from the run
-  python eval.py --model Qwen/Qwen2.5-7B --tasks math500,mmlu_college_physics --samples 4 --temperature 1.0 \
-      --max-new-tokens 1024 --batch-size 16 --load-in-4bit
+  python eval.py --model Qwen/Qwen2.5-7B --tasks math500,mmlu_college_physics --samples 4 --max-new-tokens 1024 \
+      --batch-size 16 --load-in-4bit
   python eval.py --compare eval-results/Qwen2.5-7B-math500.json runs/k1-in-reward runs/k3-in-loss
-Output: one JSON per evaluation (default: RUN_DIR/eval-<tasks>.json, or eval-results/<model>-<tasks>.json) and a
-markdown table on stdout. Bad input (unknown task, missing adapter, adapter of another base model, a malformed
-adapter_config.json or one whose LoRA rank exceeds the smallest adapted layer) exits 2 with one line.
+Output: one JSON per evaluation (default: RUN_DIR/eval-<tasks>.json, or eval-results/<model>-<tasks>.json), written
+whole once complete (Ctrl-C: one line, exit 130, nothing written), and a markdown table on stdout. Bad input (a task
+unknown; an adapter missing, of another base model or of a rank over its smallest layer's) exits 2 with one line.
 """
 import argparse
+import collections
 import contextlib
 import glob
 import json
 import os
 import pickle
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -64,6 +53,8 @@ DEMO = ["--tasks", "arith,arith_spaced,arith_ood", "--samples", str(SAMPLES), "-
 # A * on a difference needs its paired 95% CI to exclude 0 *and* a size that matters: with many problems the CI of a
 # negligible difference (0.2 points on 5,000 problems) can exclude 0 too.
 MIN_DIFF, MIN_DIFF_LEN = 0.01, 1.0   # accuracy, pass@k and truncation rates; mean lengths (tokens)
+BOOT_CHUNK = 1 << 20   # bootstrap counts held at once (8 MB): memory stays bounded whatever replicates × problems
+MAX_BOOT = 100_000     # --bootstrap cap: the CI's own Monte Carlo error is negligible long before
 
 
 def die(msg):
@@ -71,9 +62,7 @@ def die(msg):
     sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Statistics (pure numpy; everything below is a mean over problems of a per-problem value)
-# ---------------------------------------------------------------------------------------------------------
+# ---- Statistics (pure numpy; everything below is a mean over problems of a per-problem value) ---------------------
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c,k)/C(n,k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i).
     The product form never builds a huge binomial (C(200, 100) overflows a float) and stays exact near 0 and 1."""
@@ -82,39 +71,39 @@ def pass_at_k(n, c, k):
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def per_problem(problems):
-    """Records -> {metric: (P,) array}. Lengths and truncation are per-problem means, so every metric (and every
-    paired difference) is a plain mean over problems and is bootstrapped the same way."""
-    n = len(problems[0]["samples"]["correct"])
-    g = [p["greedy"] for p in problems]
-    cols = {"greedy acc": [float(x["correct"]) for x in g]}
-    for k in range(1, n + 1):
-        cols[f"pass@{k}"] = [pass_at_k(n, int(sum(p["samples"]["correct"])), k) for p in problems]
-    cols["greedy len"] = [float(x["length"]) for x in g]
-    cols["greedy trunc"] = [float(x["truncated"]) for x in g]
+def per_problem(rows):
+    """Problems (compact rows) -> {metric: (P,) array}. Lengths and truncation are per-problem means, so every metric
+    (and every paired difference) is a plain mean over problems and is bootstrapped the same way."""
+    n, c = rows[0].n, np.array([r.correct for r in rows], dtype=int)
+    col = lambda field: np.array([getattr(r, field) for r in rows], dtype=float)   # noqa: E731
+    cols = {"greedy acc": col("greedy")}
+    for k in range(1, n + 1):      # c takes n + 1 values: pass_at_k once per value, then indexed by every problem's c
+        cols[f"pass@{k}"] = np.array([pass_at_k(n, j, k) for j in range(n + 1)])[c]
+    cols["greedy len"], cols["greedy trunc"] = col("greedy_len"), col("greedy_trunc")
     if n:
-        cols["sample len"] = [float(np.mean(p["samples"]["length"])) for p in problems]
-        cols["sample trunc"] = [float(np.mean(p["samples"]["truncated"])) for p in problems]
-    return {name: np.asarray(v, dtype=float) for name, v in cols.items()}
+        cols["sample len"], cols["sample trunc"] = col("sample_len"), col("sample_trunc")
+    return cols
 
 
 def summarize(cols, n_boot=1000, seed=0):
     """{metric: (P,) values} -> {metric: {"mean", "lo", "hi"}} with a 95% percentile bootstrap over problems.
-    Every replicate draws P problem indices with replacement; W[b, i] counts how often problem i is drawn in
-    replicate b, so the replicate means of all metrics at once are W @ X / P. Passing per-problem differences
-    (b_i - a_i) makes this the paired bootstrap of B - A: both files are resampled on the same problems."""
+    Replicate b draws P problems with replacement, problem i W[b, i] times, so all replicate means are W @ X / P,
+    with W built BOOT_CHUNK cells at a time (at once, 100k problems took 2.5 GB). Per-problem differences (b_i - a_i)
+    make this the paired bootstrap of B - A: both files are resampled on the same problems."""
     names = list(cols)
     X = np.stack([cols[m] for m in names], 1)                                        # (P, M)
-    P = X.shape[0]
-    idx = np.random.default_rng(seed).integers(0, P, size=(n_boot, P))               # (B, P) resampled problems
-    W = np.bincount((idx + P * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * P).reshape(n_boot, P)
-    lo, hi = np.percentile(W @ X / P, [2.5, 97.5], axis=0)                           # (M,) each
+    P, rng, means = X.shape[0], np.random.default_rng(seed), np.empty((n_boot, X.shape[1]))
+    step = max(1, BOOT_CHUNK // P)                  # one chunk (the same draws as ever) up to BOOT_CHUNK cells
+    for b in range(0, n_boot, step):
+        m = min(step, n_boot - b)
+        idx = rng.integers(0, P, size=(m, P))                                        # (m, P) resampled problems
+        W = np.bincount((idx + P * np.arange(m)[:, None]).ravel(), minlength=m * P).reshape(m, P)
+        means[b:b + m] = W @ X / P
+    lo, hi = np.percentile(means, [2.5, 97.5], axis=0)                               # (M,) each
     return {m: {"mean": float(X[:, j].mean()), "lo": float(lo[j]), "hi": float(hi[j])} for j, m in enumerate(names)}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Generation: greedy + n samples per problem, graded by tasks.reward
-# ---------------------------------------------------------------------------------------------------------
+# ---- Generation: greedy + n samples per problem, graded by tasks.reward -------------------------------------------
 def generate_records(model, tok, name, examples, args):
     import torch
     from tqdm import tqdm
@@ -126,8 +115,7 @@ def generate_records(model, tok, name, examples, args):
     def grade(out, r, ex):   # row r of a rollout, graded by the task's own reward (never re-implemented here)
         return {"correct": bool(reward(name, out["texts"][r], ex) > 0.5),
                 "length": int(out["completion_mask"][r].sum()), "truncated": bool(out["truncated"][r])}
-    t0 = last = time.time()
-    done = 0                                          # problems at the last progress line
+    done, t0, last = 0, time.time(), time.time()    # done: problems at the last progress line
     for b in tqdm(range(0, len(examples), bs), desc=name, unit="batch", disable=None):
         if b and not sys.stderr.isatty() and ((b - done) * 20 >= len(examples) or time.time() - last >= 30):
             done, last = b, time.time()              # a log file: a line every ~5% or ~30 s instead of a bar
@@ -146,9 +134,7 @@ def generate_records(model, tok, name, examples, args):
     return records
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One evaluation: resolve model/adapter, run every task, write the JSON
-# ---------------------------------------------------------------------------------------------------------
+# ---- One evaluation: resolve model/adapter, run every task, write the JSON ----------------------------------------
 def local(m):
     """A relative folder such as train.py's default "assets/tiny-arith" also resolves next to this file; a short
     name such as smollm2-135m (real_model.py) is its converted folder."""
@@ -168,9 +154,8 @@ def resolve(args):
     import tasks
     from run_folder import read_adapter_config, read_json
     args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in args.task_list:
-        if t not in tasks.TASKS:
-            die(f"unknown task {t!r}; choose from: {', '.join(tasks.TASKS)}")
+    if bad := [t for t in args.task_list if t not in tasks.TASKS]:
+        die(f"unknown task {bad[0]!r}; choose from: {', '.join(tasks.TASKS)}")
     if any("=" not in d for d in args.data):
         die(f"--data takes TASK=FILE, got {args.data}")
     args.data = dict(d.split("=", 1) for d in args.data)
@@ -189,27 +174,22 @@ def resolve(args):
         adapter_cfg = read_json(os.path.join(a, "adapter_config.json"))
         if not isinstance(adapter_cfg, dict):
             die(f"{os.path.join(a, 'adapter_config.json')} is unreadable or not a JSON object")
-        base = adapter_cfg.get("base_model_name_or_path")
-        base = base if isinstance(base, str) else None
+        base = b if isinstance(b := adapter_cfg.get("base_model_name_or_path"), str) else None
         run = read_json(os.path.join(os.path.dirname(os.path.abspath(a)), "config.json"))
         if isinstance(run, dict):
             run_model = run.get("model") if isinstance(run.get("model"), str) else None
-            if args.prompt_format is None:                  # prompts as the run was trained on them
-                args.prompt_format = run.get("prompt_format", "auto")
-            if args.thinking is None:
-                args.thinking = bool(run.get("thinking", False))
+            args.prompt_format = args.prompt_format or run.get("prompt_format", "auto")   # prompts as it trained on
+            args.thinking = args.thinking or bool(run.get("thinking", False))
     args.prompt_format, args.thinking = args.prompt_format or "auto", bool(args.thinking)
-    try:
+    try:                              # ValueError: real_model.ModelError (package missing, wrong file), a bad adapter
         args.model = local(args.model or run_model or base or TINY)
-    except ValueError as e:                                  # real_model.ModelError: package missing, wrong file
+        if base and not same_model(base, args.model):
+            die(f"adapter {args.adapter} was trained on base model {base!r}, not {args.model!r} "
+                "(omit --model to use it)")
+        if args.adapter:
+            read_adapter_config(args.adapter, args.model)   # its ranks bounded before peft allocates them
+    except ValueError as e:
         die(str(e))
-    if base and not same_model(base, args.model):
-        die(f"adapter {args.adapter} was trained on base model {base!r}, not {args.model!r} (omit --model to use it)")
-    if args.adapter:
-        try:                                  # its ranks bounded before peft allocates them
-            read_adapter_config(args.adapter, args.model)
-        except ValueError as e:
-            die(str(e))
     if args.model == TINY and not os.path.isdir(TINY):
         die(f"tiny model not found at {TINY} (build it with: python tools/tiny_model.py --out assets/tiny-arith)")
     if not args.out:
@@ -227,25 +207,22 @@ def check_out(path):
     if os.path.islink(path):
         die(f"--out {path} is a symbolic link; pick a plain file name")
     if os.path.exists(path):
-        try:                # read whole, as --compare reads it: an earlier result of any size (a long MATH eval) is ours
+        try:                # parsed as --compare parses it: an earlier result of any size (a long MATH eval) is ours
             with open_nofollow(path, "rb") as f:
-                check_result(json.load(f))
-        except (OSError, ValueError, RecursionError, AssertionError, KeyError, TypeError, IndexError, AttributeError):
+                parse_result(f)
+        except BAD_RESULT:
             die(f"--out {path} exists and is not an eval.py result (it would be overwritten); pick another --out")
 
 
 def provenance():
-    """Package versions and the git commit ("-dirty" with uncommitted changes), so a number can be traced back."""
+    """Package versions and the git commit ("-dirty": a tracked .py file differs, as train.py records it)."""
+    from tools.provenance import code_version
     v = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             v[pkg] = metadata.version(pkg)
-    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10)  # noqa: E731
-    try:
-        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
-        return v, sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return v, None
+    sha, dirty = code_version()
+    return v, sha and sha + ("-dirty" if dirty else "")
 
 
 def run_eval(args):
@@ -272,13 +249,12 @@ def run_eval(args):
         torch.set_num_threads(1)   # tiny matmuls: thread sync costs more than it saves (10x slower on a busy CPU)
     versions, sha = provenance()
     from tools import real_model
-    from run_folder import portable
+    from run_folder import portable, write_atomic
     shown = {k: portable(v) if k in ("model", "adapter", "out") else v for k, v in vars(args).items()
              if k not in ("compare", "task_list")}           # a result names no machine: paths relative to the repo,
     shown["model"] = next((m for m in real_model.MODELS if os.path.realpath(os.path.join(real_model.CACHE, m)) ==
                            os.path.realpath(args.model)), shown["model"])             # a converted model: its short name
-    out = {"config": shown,
-           "versions": versions, "git_sha": sha, "seed": args.seed, "argv": sys.argv[1:],
+    out = {"config": shown, "versions": versions, "git_sha": sha, "seed": args.seed, "argv": sys.argv[1:],
            "device": str(model.get_input_embeddings().weight.device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "tasks": {}}
     # no adapter: switch off the fresh LoRA that load_policy adds, so this is exactly the base model
@@ -286,51 +262,56 @@ def run_eval(args):
         for t in args.task_list:
             t0 = time.time()
             problems = generate_records(model, tok, t, examples[t], args)
-            out["tasks"][t] = {"seconds": round(time.time() - t0, 2),
-                               "metrics": summarize(per_problem(problems), args.bootstrap, args.seed),
-                               "problems": problems}
+            out["tasks"][t] = {"seconds": round(time.time() - t0, 2), "metrics": summarize(
+                per_problem([compact(p) for p in problems]), args.bootstrap, args.seed), "problems": problems}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from run_folder import write_atomic
     write_atomic(args.out, json.dumps(out))   # comedy.py and --compare trust the file: never a truncated one
     out["path"] = args.out
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tables and --compare (everything recomputed from the per-problem records)
-# ---------------------------------------------------------------------------------------------------------
+# ---- Tables and --compare (everything recomputed from the per-problem records) ------------------------------------
+BAD_RESULT = (OSError, ValueError, RecursionError, OverflowError, AssertionError, KeyError, TypeError)   # parse_result
+Problem = collections.namedtuple("Problem", "key n correct greedy greedy_len greedy_trunc sample_len sample_trunc")
+
+
+def compact(p):
+    """A problem record -> the Problem the tables need, types checked. Called on each record as it is parsed: greedy
+    texts and sample lists go at once (a 40 MB result of 100k problems took 2.7 GB whole; compacted, about its size)."""
+    g, s, n = p["greedy"], p["samples"], len(p["samples"]["correct"])
+    assert isinstance(p["question"], str) and isinstance(p["id"], (str, int)), "problem id"
+    assert all(isinstance(s[k], list) and len(s[k]) == n for k in ("correct", "length", "truncated")), "sample lists"
+    assert all(isinstance(x, bool) for x in [g["correct"], g["truncated"], *s["correct"], *s["truncated"]]) \
+        and all(isinstance(x, (int, float)) for x in [g["length"], *s["length"]]), "values"
+    mean = lambda xs: sum(xs) / n if n else 0.0   # noqa: E731
+    return Problem((str(p["id"]), p["question"]), n, sum(s["correct"]), float(g["correct"]), float(g["length"]),
+                   float(g["truncated"]), mean(s["length"]), mean(s["truncated"]))
+
+
+def parse_result(f):
+    """An open result file -> its dict, every problem record a Problem; raises one of BAD_RESULT if malformed."""
+    res = json.load(f, object_hook=lambda d: compact(d) if "question" in d else d)   # only a problem has a question
+    assert isinstance(res, dict) and isinstance(res["config"], dict) and isinstance(res["tasks"], dict), "layout"
+    for name, task in res["tasks"].items():   # every problem of a task with the same n samples
+        ps = task["problems"]
+        assert isinstance(ps, list) and ps and all(isinstance(p, Problem) and p.n == ps[0].n for p in ps), name
+    return res
+
+
 def load_result(path):
-    if not os.path.exists(path):
-        die(f"no such result file or run folder: {path}")
     if os.path.isdir(path):   # a run folder: its most recent eval*.json
         found = sorted(glob.glob(os.path.join(path, "eval*.json")), key=os.path.getmtime)
         if not found:
             die(f"no eval*.json in {path} (run: python eval.py --adapter {path})")
         path = found[-1]
+    if not os.path.isfile(path):                 # missing, or a FIFO or /dev/zero (read forever)
+        die(f"{path} is not a regular file" if os.path.exists(path) else f"no such result file or run folder: {path}")
     try:
         with open(path) as f:
-            res = json.load(f)
-        check_result(res)
-    except (OSError, ValueError, AssertionError, AttributeError, KeyError, TypeError, IndexError) as e:
+            res = parse_result(f)
+    except BAD_RESULT as e:
         die(f"{path} is not an eval.py result file ({type(e).__name__}: {str(e)[:100] or 'malformed'})")
-    res["path"] = path
-    return res
-
-
-def check_result(res):
-    """Everything table() reads, with the types it needs (AssertionError/KeyError/TypeError otherwise)."""
-    assert isinstance(res, dict) and isinstance(res["config"], dict) and isinstance(res["tasks"], dict), "layout"
-    for name, task in res["tasks"].items():
-        problems = task["problems"]
-        assert isinstance(problems, list) and problems, f"task {name}: no problems"
-        n = len(problems[0]["samples"]["correct"])
-        for p in problems:
-            assert isinstance(p["question"], str) and isinstance(p["id"], (str, int)), f"task {name}: problem id"
-            g, s = p["greedy"], p["samples"]
-            assert all(isinstance(s[k], list) and len(s[k]) == n for k in ("correct", "length", "truncated")), \
-                f"task {name}: samples of unequal length"
-            assert all(isinstance(x, bool) for x in [g["correct"], g["truncated"], *s["correct"], *s["truncated"]]) \
-                and all(isinstance(x, (int, float)) for x in [g["length"], *s["length"]]), f"task {name}: values"
+    return {**res, "path": path}
 
 
 def labels(results):
@@ -358,36 +339,37 @@ def table(results, n_boot=1000, seed=0):
              f"n={r['config'].get('samples')}, T={r['config'].get('temperature')})"
              for x, lab, r in zip(let, labs, results)]
     head = ["metric"] + let + [f"{x} − {let[0]}" for x in let[1:]]
-    key = lambda p: (str(p["id"]), p["question"])   # noqa: E731
     for task in results[0]["tasks"]:
         if any(task not in r["tasks"] for r in results):
             lines.append(f"\n(task {task} is not in every file: skipped)")
             continue
-        ref = [key(p) for p in results[0]["tasks"][task]["problems"]]
-        aligned = []
-        for r in results:   # align problems by identity so the paired bootstrap pairs the same problem
-            probs = {key(p): p for p in r["tasks"][task]["problems"]}
-            if len(probs) != len(ref) or set(probs) != set(ref):
-                die(f"task {task}: {r['path']} has a different problem set ({len(probs)} problems) than "
-                    f"{results[0]['path']} ({len(ref)}); evaluate both with the same --limit and data")
-            aligned.append([probs[k] for k in ref])
+        rows = [[p if isinstance(p, Problem) else compact(p) for p in r["tasks"][task]["problems"]] for r in results]
+        order = {k: i for i, k in enumerate(p.key for p in rows[0])}
+        for r, rs in zip(results, rows):   # aligned by identity, so the paired bootstrap pairs the same problem
+            if len(rs) != len(order) or {p.key for p in rs} != order.keys():   # (a problem twice: unequal too)
+                die(f"task {task}: {r['path']} has a different problem set ({len(rs)} problems) than "
+                    f"{results[0]['path']} ({len(order)}); evaluate both with the same --limit and data")
+        aligned = [sorted(rs, key=lambda p: order[p.key]) for rs in rows]
         cols = [per_problem(a) for a in aligned]
-        n = min(len(a[0]["samples"]["correct"]) for a in aligned)
+        n = min(a[0].n for a in aligned)
         ks = [k for k in range(1, n + 1) if k & (k - 1) == 0 or k == n]   # pass@1, 2, 4, ..., n in the table
         names = ["greedy acc"] + [f"pass@{k}" for k in ks] + \
             [m for m in ("greedy len", "sample len", "greedy trunc", "sample trunc") if all(m in c for c in cols)]
-        cols = [{m: c[m] for m in names} for c in cols]
-        summ = [summarize(c, n_boot, seed) for c in cols]
-        diff = [summarize({m: c[m] - cols[0][m] for m in names}, n_boot, seed) for c in cols[1:]]
-        lines += ["", f"### {task} ({len(ref)} problems)", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        # one bootstrap for all columns and differences: with one seed each call would resample the same problems
+        ci = summarize({**{(i, m): c[m] for i, c in enumerate(cols) for m in names},
+                        **{(-i, m): c[m] - cols[0][m] for i, c in enumerate(cols) if i for m in names}}, n_boot, seed)
+        summ, diff = [{m: ci[i, m] for m in names} for i in range(len(cols))], \
+            [{m: ci[-i, m] for m in names} for i in range(1, len(cols))]
+        lines += ["", f"### {task} ({len(order)} problems)", "", "| " + " | ".join(head) + " |",
+                  "|---" * len(head) + "|"]
         for m in names:
             acc = "len" not in m
             cells = [fmt(s[m], acc) for s in summ]
             cells += [fmt(d[m], acc, "+") + (" *" if star(d[m], acc) else "") for d in diff]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         if all(round(s[m]["mean"], 3) == 0 for s in summ for m in names if m == "greedy acc" or "pass@" in m):
-            who = (f"{let[0]} scores" if len(let) == 1 else f"{let[0]} and {let[1]} both score" if len(let) == 2
-                   else f"{', '.join(let[:-1])} and {let[-1]} all score")
+            who = f"{', '.join(let[:-1])} and {let[-1]} {'both' if len(let) == 2 else 'all'} score" if let[1:] \
+                else f"{let[0]} scores"
             lines.append(f"\nNote: {task}: {who} 0.000 on greedy acc and every pass@k -- the task is out of reach for "
                          f"{'this model' if len(let) == 1 else 'these models'} (its differences mean nothing).")
     lines.append(f"\nmean [95% bootstrap CI over problems, {n_boot} resamples]")
@@ -403,9 +385,7 @@ def star(d, acc):
     return (d["lo"] > 0 or d["hi"] < 0) and size >= (MIN_DIFF if acc else MIN_DIFF_LEN)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------------------
+# ---- Entry points -------------------------------------------------------------------------------------------------
 def parse_args(argv):
     import tasks
     p = argparse.ArgumentParser(description="Evaluate a base model or base + LoRA adapter; compare result files.",
@@ -413,8 +393,7 @@ def parse_args(argv):
     p.add_argument("--model", help="hub id or local folder (default: the run's model, else assets/tiny-arith)")
     p.add_argument("--adapter", help="run folder (uses RUN/checkpoint) or peft adapter folder")
     p.add_argument("--tasks", default="arith,arith_spaced", help=f"comma-separated, from: {', '.join(tasks.TASKS)}")
-    p.add_argument("--samples", type=int, default=SAMPLES,
-                   help="n samples per problem for pass@k (0 = greedy only; the README's tables use 8)")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="n samples per problem for pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the n samples")
     p.add_argument("--limit", type=int, default=None, help="first L test problems per task")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
@@ -423,11 +402,10 @@ def parse_args(argv):
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style NF4 base weights (bitsandbytes)")
     p.add_argument("--prompt-format", choices=("auto", "chat", "plain"), default=None,
                    help="chat template or the plain question (default: the run's, else auto = chat if there is one)")
-    p.add_argument("--thinking", action="store_true", default=None,
-                   help="let a template that supports it think (default: the run's, else off)")
+    p.add_argument("--thinking", action="store_true", default=None, help="let the template think (default: the run's)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
                    help="local .jsonl/.parquet for a data-set task (offline machines), e.g. math500=m500.jsonl")
-    p.add_argument("--bootstrap", type=int, default=1000, help="number of bootstrap resamples")
+    p.add_argument("--bootstrap", type=int, default=1000, help=f"number of bootstrap resamples (at most {MAX_BOOT})")
     p.add_argument("--out", help="result JSON (default: next to the adapter, or eval-results/)")
     p.add_argument("--compare", nargs="+", metavar="FILE_OR_RUN", help="compare result files / run folders")
     return p.parse_args(argv)
@@ -438,33 +416,30 @@ def demo():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = [run_eval(resolve(parse_args(DEMO + ["--model", TINY])))]
     ckpts = sorted(glob.glob(os.path.join("runs", "*", "checkpoint", "adapter_config.json")), key=os.path.getmtime)
-    if not ckpts:
+    run = ckpts and os.path.dirname(os.path.dirname(ckpts[-1]))
+    args = run and resolve(parse_args(DEMO + ["--adapter", run]))
+    if not run:
         print("(no run in runs/ yet: `python train.py` trains one; then run `python eval.py` again)")
-    else:
-        run = os.path.dirname(os.path.dirname(ckpts[-1]))
-        args = resolve(parse_args(DEMO + ["--adapter", run]))
-        if same_model(args.model, TINY):
-            results.append(run_eval(args))
-        else:   # a GPU run of a real model would not finish in a minute on CPU
-            print(f"(latest run {run} is on {args.model}, not the tiny model: `python eval.py --adapter {run}`)")
+    elif same_model(args.model, TINY):
+        results.append(run_eval(args))
+    else:   # a GPU run of a real model would not finish in a minute on CPU
+        print(f"(latest run {run} is on {args.model}, not the tiny model: `python eval.py --adapter {run}`)")
     print(table(results))
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    if not (sys.argv[1:] if argv is None else argv):
         return demo()
-    args = parse_args(argv)
-    if args.bootstrap < 1:                        # checked before hours of evaluation, not after (it once discarded one)
-        die(f"--bootstrap must be >= 1 (resamples for the 95% CIs), got {args.bootstrap}")
+    args = parse_args(argv)                       # None: argparse reads sys.argv[1:]
+    if not 1 <= args.bootstrap <= MAX_BOOT:      # checked before hours of evaluation, not after (it once discarded one)
+        die(f"--bootstrap must be from 1 to {MAX_BOOT} (resamples for the 95% CIs), got {args.bootstrap}")
     if args.compare:
         return print(table([load_result(p) for p in args.compare], args.bootstrap, args.seed))
     res = run_eval(resolve(args))
     n = sum(len(t["problems"]) for t in res["tasks"].values())
     print(f"eval.py: evaluated {n} problems of {', '.join(res['tasks'])} ({args.samples} samples each) in "
           f"{sum(t['seconds'] for t in res['tasks'].values()):.0f} s; wrote {res['path']}", file=sys.stderr)
-    print(f"wrote {res['path']}\n")
-    print(table([res], args.bootstrap, args.seed))
+    print(f"wrote {res['path']}\n\n{table([res], args.bootstrap, args.seed)}")
 
 
 if __name__ == "__main__":

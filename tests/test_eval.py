@@ -3,6 +3,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def _records(correct_greedy, correct_samples, length=3):
 
 def test_per_problem_means():
     recs = _records([1, 0, 1, 1], [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
-    cols = ev.per_problem(recs)
+    cols = ev.per_problem([ev.compact(r) for r in recs])
     assert cols["greedy acc"].mean() == 0.75
     assert cols["pass@1"].mean() == pytest.approx((0.25 + 0 + 1 + 0.5) / 4)     # = mean sample accuracy
     assert cols["pass@4"].mean() == 0.75                                          # any of the 4 correct
@@ -62,6 +63,16 @@ def test_bootstrap_ci_coverage():
 def test_bootstrap_is_seeded():
     x = {"acc": np.random.default_rng(1).binomial(1, 0.5, 50).astype(float)}
     assert ev.summarize(x, 500, seed=3) == ev.summarize(x, 500, seed=3)
+
+
+def test_bootstrap_in_chunks_draws_the_same_replicates(monkeypatch):
+    """Resampling BOOT_CHUNK counts at a time (memory bounded) gives the CIs of resampling all at once (to rounding
+    in the matrix product): the chunks continue one random stream, 7 replicates each here."""
+    x = {m: np.random.default_rng(i).random(1001) for i, m in enumerate(("a", "b"))}
+    whole = ev.summarize(x, 1000, seed=3)
+    monkeypatch.setattr(ev, "BOOT_CHUNK", 7 * 1001)
+    chunked = ev.summarize(x, 1000, seed=3)
+    assert all(chunked[m][s] == pytest.approx(whole[m][s], rel=1e-12) for m in x for s in ("mean", "lo", "hi"))
 
 
 def test_paired_bootstrap_detects_real_difference_not_null():
@@ -181,13 +192,55 @@ def test_default_samples_match_the_readme():
     assert ev.DEMO[ev.DEMO.index("--samples") + 1] == "8"
 
 
+def test_compare_of_a_large_result_costs_about_its_size(tmp_path):
+    """Issue 26: a 40 MB result took 5.2 GB (the bootstrap built 1000 × problems counts at once, 80 MB each per 10k
+    problems, and every greedy text stayed loaded). Here 10k problems, ~6 MB: reading keeps about its size (it was
+    4.4 times), the paired table peaks under 64 MB (it was over 240 MB), measured by tracemalloc."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    recs = _records(rng.random(10_000) < 0.5, rng.random((10_000, 8)) < 0.4)
+    for r in recs:
+        r["greedy"]["text"] = "x" * 300                                # a greedy completion: dropped once parsed
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"config": {"model": "m", "samples": 8}, "tasks": {"arith": {"problems": recs}}}))
+    size = path.stat().st_size
+    del recs
+    tracemalloc.start()
+    try:
+        res = ev.load_result(str(path))
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        text = ev.table([res, res])
+        table_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert size > 5e6 and read_peak < 2.5 * size and table_peak < 64 << 20, (size, read_peak, table_peak)
+    assert "### arith (10000 problems)" in text and "+0.000 [+0.000, +0.000]" in text
+
+
+@pytest.mark.parametrize("argv,says", [(["--bootstrap", str(10**12)], "--bootstrap must be from 1 to 100000"),
+                                       (["/dev/zero"], "/dev/zero is not a regular file")])   # was read forever
+def test_compare_refuses_unbounded_work_with_one_line(tmp_path, capsys, argv, says):
+    fa = _result(tmp_path / "a.json", [1, 0], [[1], [0]])
+    flags = argv if argv[0].startswith("--") else []
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--compare", fa, *[a for a in argv if a not in flags], *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
+
+
 def test_compare_rejects_different_problem_sets(tmp_path, capsys):
     fa = _result(tmp_path / "a.json", [1, 0, 1], [[1], [0], [1]])
     fb = _result(tmp_path / "b.json", [1, 0], [[1], [0]])
-    with pytest.raises(SystemExit) as e:
-        ev.main(["--compare", fa, fb])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "different problem set" in err
+    res = json.load(open(fa))
+    probs = res["tasks"]["arith"]["problems"]
+    probs[2] = probs[1]                                   # the same 3 problems twice over: [0, 1, 1] vs [0, 1, 2]
+    json.dump(res, open(tmp_path / "twice.json", "w"))
+    for pair in ([fa, fb], [fa, str(tmp_path / "twice.json")], [str(tmp_path / "twice.json"), fa]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--compare", *pair])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "different problem set" in err, (pair, err)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +355,35 @@ def test_cli_no_arguments_offline_demo(zero_run, tmp_path):
     assert "- A = tiny-arith: " in p.stdout and "- B = zero: " in p.stdout, p.stdout
     assert "Note: arith_ood: A and B both score 0.000" in p.stdout, p.stdout      # the tiny model cannot add 3 digits
     assert os.path.isfile(tmp_path / "eval-results" / "tiny-arith-arith+arith_spaced+arith_ood.json")
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_result(tmp_path):
+    """Issue 26: Ctrl-C mid-generation (a real SIGINT, once the progress line shows it generating) ends eval.py with
+    one line and exit 130 (it was a traceback), and --out is not there, not even as a temporary file."""
+    if not os.path.isdir(ev.TINY):
+        pytest.skip("assets/tiny-arith not built yet")
+    out = tmp_path / "r.json"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), "--tasks", "arith", "--samples", "1",
+                          "--limit", "400", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # even from a `cmd &` shell
+    try:
+        lines = []
+        for line in p.stderr:                                  # wait until it is generating: its first progress line
+            lines.append(line)
+            if line.startswith("eval.py: arith ") and "problems" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        err = "".join(lines) + p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    said = [x for x in err.splitlines()[len(lines):] if x.strip()]
+    assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-2000:])
+    assert said == ["eval.py: interrupted (Ctrl-C); no result was written for the evaluation in progress"], err
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)   # no r.json, no r.json.PID.tmp
 
 
 def test_cli_unknown_task_subprocess():

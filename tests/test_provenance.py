@@ -3,10 +3,15 @@ build, the CPU capability torch dispatches to, threads) at the start, and each r
 difference between two machines' runs of one command can be explained. And `--eval-n 0` runs no held-out evaluation
 (a study's step-0 evaluation equals its base evaluation, its last one eval.py's)."""
 import json
+import os
+import subprocess
 
 import torch
 
 import train
+from tools import provenance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--save-every", "1"]
 
@@ -26,3 +31,20 @@ def test_machine_provenance_and_no_eval(model_dir, tmp_path):
     assert json.load(open(out / "config.json"))["machine"] == box    # the start's record is kept, not overwritten
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["type"] for r in records] == ["train", "train"]
+
+
+def test_code_version_is_the_checkout_or_none():
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = ""
+    commit, dirty = provenance.code_version()
+    if head:
+        assert commit == head and isinstance(dirty, bool)
+    assert provenance.code_version("/") == (None, None)                    # not a repository: None, never a crash
+    path = os.environ["PATH"]
+    try:
+        os.environ["PATH"] = ""                                           # no git installed
+        assert provenance.code_version() == (None, None)
+    finally:
+        os.environ["PATH"] = path

@@ -54,25 +54,8 @@ def finished(model_dir, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Provenance
+# 1. Provenance (code_version: test_provenance.py)
 # ---------------------------------------------------------------------------------------------------------
-def test_code_version_is_the_checkout_or_none():
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        head = ""
-    commit, dirty = provenance.code_version()
-    if head:
-        assert commit == head and isinstance(dirty, bool)
-    assert provenance.code_version("/") == (None, None)                    # not a repository: None, never a crash
-    path = os.environ["PATH"]
-    try:
-        os.environ["PATH"] = ""                                           # no git installed
-        assert provenance.code_version() == (None, None)
-    finally:
-        os.environ["PATH"] = path
-
-
 def test_model_identity_follows_content_not_location(model, model_dir, tmp_path):
     ident = provenance.model_identity(str(model))
     assert len(ident) == 16 and ident == provenance.model_identity(model_dir)

@@ -186,7 +186,6 @@ def folder_kind(d):
     return None
 
 
-
 _held = {}                  # run folder (as given, absolute) -> (its open, locked .lock file, its directory's fd)
 
 
@@ -203,9 +202,10 @@ def lock_run(out, names=RUN_FILES, what="run folder"):
         made.append(d)
         d = os.path.dirname(d)
     os.makedirs(out, exist_ok=True)
-    key = os.path.abspath(out)
-    if key in _held:                                         # this process's earlier run there (an in-process caller)
-        release_run(out, [])
+    key, st = os.path.abspath(out), os.stat(out)
+    for k, (_, fd) in list(_held.items()):                   # this process's earlier run there (an in-process caller),
+        if k == key or (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (st.st_dev, st.st_ino):   # by any spelling
+            release_run(k, [])
     _no_link(os.path.join(out, ".lock"), f"{what}'s lock")
     dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -170,6 +170,24 @@ def test_swapping_the_out_symlink_mid_run_does_not_redirect_writes(model_dir, tm
     assert steps == list(range(6))
 
 
+def test_one_process_relocking_its_folder_by_another_spelling_takes_it_over(tmp_path):
+    """An in-process caller (a notebook running train.main twice) may name its run folder by another path, here a
+    symlink to it: the second lock_run replaces this process's first hold instead of reporting itself as the other
+    writer (the hold was keyed by the spelling only), and at() through the new spelling reaches the pinned folder."""
+    real, alias = tmp_path / "real", tmp_path / "alias"
+    real.mkdir()
+    alias.symlink_to(real)
+    run_folder.lock_run(str(real))
+    try:
+        run_folder.lock_run(str(alias))                   # before: ValueError "in use by another process (PID <self>)"
+        assert str(real.resolve()) not in {os.path.realpath(k) for k in run_folder._held if k != str(alias)}
+        assert os.path.samefile(run_folder.at(str(alias)), real) and run_folder.at(str(alias)).startswith("/proc/")
+        assert run_folder.holder(str(real)) == str(os.getpid())
+    finally:
+        run_folder.release_run(str(alias), [])
+    assert run_folder.holder(str(real)) is None             # released: nobody holds it
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. A resume trusts only a whole train.py config.json, and a failed resume writes nothing
 # ---------------------------------------------------------------------------------------------------------

@@ -50,11 +50,10 @@ TINY = os.path.join(HERE, "assets", "tiny-arith")
 SAMPLES = 8   # n samples per problem by default: the README's tables use n = 8 at T = 1
 DEMO = ["--tasks", "arith,arith_spaced,arith_ood", "--samples", str(SAMPLES), "--max-new-tokens", "12",
         "--batch-size", "100"]
-# A * on a difference needs its paired 95% CI to exclude 0 *and* a size that matters: with many problems the CI of a
-# negligible difference (0.2 points on 5,000 problems) can exclude 0 too.
+# A * needs the paired 95% CI to exclude 0 *and* a size that matters (0.2 points on 5,000 problems can exclude 0)
 MIN_DIFF, MIN_DIFF_LEN = 0.01, 1.0   # accuracy, pass@k and truncation rates; mean lengths (tokens)
-BOOT_CHUNK = 1 << 20   # bootstrap counts held at once (8 MB): memory stays bounded whatever replicates × problems
-MAX_BOOT = 100_000     # --bootstrap cap: the CI's own Monte Carlo error is negligible long before
+BOOT_CHUNK, MAX_BOOT = 1 << 20, 100_000   # bootstrap counts held at once (8 MB: memory stays bounded whatever
+RESULT_LIMIT = 1 << 30   # replicates × problems); --bootstrap cap; --compare's file cap (parsed: ~6x its size in RAM)
 
 
 def die(msg):
@@ -304,8 +303,9 @@ def load_result(path):
         if not found:
             die(f"no eval*.json in {path} (run: python eval.py --adapter {path})")
         path = found[-1]
-    if not os.path.isfile(path):                 # missing, or a FIFO or /dev/zero (read forever)
-        die(f"{path} is not a regular file" if os.path.exists(path) else f"no such result file or run folder: {path}")
+    if not os.path.isfile(path) or os.path.getsize(path) > RESULT_LIMIT:   # a FIFO, /dev/zero: read forever
+        die(f"no such result file or run folder: {path}" if not os.path.exists(path) else f"{path} is not a regular "
+            f"file" if not os.path.isfile(path) else f"{path} is over {RESULT_LIMIT >> 20} MiB: not an eval.py result")
     try:
         with open(path) as f:
             res = parse_result(f)
@@ -446,5 +446,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:                     # results are written whole or not at all (write_atomic)
-        print("eval.py: interrupted (Ctrl-C); no result was written for the evaluation in progress", file=sys.stderr)
+        print("eval.py: interrupted (Ctrl-C); a result file is written whole or not at all", file=sys.stderr)
         sys.exit(130)

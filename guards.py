@@ -283,6 +283,8 @@ def check_resume(cfg, out):
         state = read_state(out)
         if read_adapter_config(checkpoint_dir(at(out)), cfg.model)["r"] != cfg.lora_r:
             raise ValueError(f"--resume {out}: the checkpoint's adapter rank differs from --lora-r {cfg.lora_r}")
+        if not os.path.isfile(os.path.join(ckpt := checkpoint_dir(at(out)), "adapter_model.safetensors")):
+            raise ValueError(f"--resume {out}: {ckpt}/adapter_model.safetensors is missing (the adapter's weights)")
         saved = read_json(at(out, "config.json"))
         provenance = {k: saved.get(k) for k in ("code_commit", "code_dirty", "model_id", "machine")}
         now = model_identity(cfg.model)                      # a run started before full hashing has the sampled id

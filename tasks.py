@@ -316,8 +316,8 @@ def _example(name, row, i, src):
         raise bad(f"field 'answer' is {answer!r}: a gold answer must be a string or a finite number (a float beyond "
                   f"2**53 has lost digits: write it as a string)")
     ex = {"question": problem.strip() + MATH_INSTRUCTION, "answer": str(answer).strip()}
-    if row.get("unique_id"):
-        ex["id"] = row["unique_id"]
+    if row.get("unique_id"):                                 # a string, as MATH-500's: eval.py pairs problems by it
+        ex["id"] = row["unique_id"] if isinstance(row["unique_id"], (str, int)) else str(row["unique_id"])
     return ex
 
 

@@ -408,8 +408,8 @@ def start_run(cfg, argv):
                                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      gradient_checkpointing=cfg.gradient_checkpointing, device=cfg.device,
                                      adapter=checkpoint_dir(at(out)) if state else None, dtype=cfg.dtype)
-        except (OSError, RuntimeError, SafetensorError, UnpicklingError) as e:   # no weights, a truncated file, a pickle
-            raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}") from None
+        except (OSError, RuntimeError, SafetensorError, UnpicklingError, ValueError) as e:   # a truncated file, a pickle
+            raise ValueError(f"cannot load model {cfg.model!r}: {one_line(e)[:200]}".replace(at(out), out)) from None
     except BaseException:
         release_run(out, made)                               # a failed start leaves no folder behind
         raise

@@ -229,6 +229,17 @@ def test_compare_refuses_unbounded_work_with_one_line(tmp_path, capsys, argv, sa
     assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, err
 
 
+def test_compare_refuses_a_result_file_over_the_cap_before_parsing_it(tmp_path, capsys, monkeypatch):
+    """--compare parses a result whole (~6x its size in memory): a file over RESULT_LIMIT (1 GiB) is refused with one
+    line before it is read; here the cap is lowered to 1 KiB and the second file padded past it."""
+    fa = _result(tmp_path / "a.json", [1, 0], [[1], [0]])
+    big = tmp_path / "big.json"
+    big.write_text(open(fa).read() + " " * 2048)              # a valid result, only larger
+    monkeypatch.setattr(ev, "RESULT_LIMIT", 1024)
+    assert os.path.getsize(fa) < 1024 and "is over 0 MiB: not an eval.py result" in _error(["--compare", fa, str(big)],
+                                                                                             capsys)
+
+
 def test_compare_rejects_different_problem_sets(tmp_path, capsys):
     fa = _result(tmp_path / "a.json", [1, 0, 1], [[1], [0], [1]])
     fb = _result(tmp_path / "b.json", [1, 0], [[1], [0]])
@@ -382,7 +393,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_result(tmp_path):
             p.wait()
     said = [x for x in err.splitlines()[len(lines):] if x.strip()]
     assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-2000:])
-    assert said == ["eval.py: interrupted (Ctrl-C); no result was written for the evaluation in progress"], err
+    assert said == ["eval.py: interrupted (Ctrl-C); a result file is written whole or not at all"], err
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)   # no r.json, no r.json.PID.tmp
 
 

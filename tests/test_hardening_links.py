@@ -218,6 +218,19 @@ def test_a_failed_resume_writes_nothing(run, capsys):
     assert os.stat(run / "config.json").st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("damage", ["no adapter weights", "no adapter config"])
+def test_a_resume_of_a_damaged_checkpoint_names_the_users_folder_not_the_pinned_one(run, capsys, damage):
+    """The resume reads its checkpoint through the pinned folder (/proc/self/fd/N): a message must still name the
+    folder the user gave (a checkpoint without its adapter weights once printed peft's "Repo id must be in the form
+    ... '/proc/self/fd/3/checkpoint'"), and nothing is written."""
+    os.remove(run / "checkpoint" / ("adapter_model.safetensors" if damage == "no adapter weights" else
+                                    "adapter_config.json"))
+    before = (run / "config.json").read_bytes()
+    line = fails_with_one_line(capsys, ["--resume", str(run), "--steps", "4"])
+    assert "/proc/" not in line and f"{run}/checkpoint" in line, line
+    assert (run / "config.json").read_bytes() == before and not (run / "resumes.jsonl").exists()
+
+
 def test_a_resumable_checkpoint_exists_at_every_moment_of_a_save(run, monkeypatch):
     """Resumed from checkpoint.old (a crash between the two renames of a save), the next save must not remove
     checkpoint.old before its new checkpoint is in place: at every rename, a resumable checkpoint exists."""

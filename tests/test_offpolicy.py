@@ -289,7 +289,7 @@ def test_parse_kl_accepts_prefix_only_where_it_is_unbiased():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The off-policy table (python toy.py --off-policy)
+# The off-policy table (python tools/toy.py --off-policy)
 # ---------------------------------------------------------------------------------------------------------
 def test_off_policy_table_agrees_with_the_exact_oracle():
     rows = toy.off_policy_table(Ts=(3,), stale=(0.0, 1.0), clips=(1, 1e9), V=2, R=20, N=200)

@@ -1,4 +1,5 @@
 """Tests of tasks.py: synthetic generators, loaders on the fixtures, errors, prompts (the graders: test_graders.py)."""
+import json
 import os
 import re
 import time
@@ -103,6 +104,9 @@ def test_math_loader_on_fixtures(tmp_path):
     m500 = load_task("math500", "test", path=str(FIX / "math500.jsonl"))
     assert [ex["answer"] for ex in m500][:3] == ["56", "\\frac{1}{3}", "5\\sqrt{2}"]
     assert m500[0]["id"] == "test/counting_and_probability/101.json"
+    odd = tmp_path / "odd-ids.jsonl"                         # ids eval.py can pair by: a float or a list becomes a string
+    odd.write_text("".join(json.dumps({"problem": "1+1?", "answer": "2", "unique_id": u}) + "\n" for u in (1.5, [1], 7)))
+    assert [ex["id"] for ex in load_task("math500", "test", path=str(odd))] == ["1.5", "[1]", 7]
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([{"problem": "Compute $1+1$.", "solution": "$1+1=\\boxed{2}$."}]),

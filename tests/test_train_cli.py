@@ -85,6 +85,30 @@ def test_summary_averages_the_last_tenth_of_steps_and_the_plot_is_titled(tmp_pat
     assert "reward (mean of 2)" in legends                   # 40 steps: a 2-step moving average over the raw curve
 
 
+def test_report_cli_redraws_a_run_but_never_a_live_or_foreign_folder(tmp_path, capsys):
+    """python tools/report.py RUN: exit 0 on a run folder; one line, exit 2, nothing written on a folder without
+    metrics.jsonl or one whose lock another process holds (train.py running there: one writer per run folder)."""
+    from tools import report
+    json.dump(dict(kl="k1-in-reward", beta=0.05, lr=0.01, adv="rloo", group_size=2), open(tmp_path / "config.json", "w"))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 0, "reward": 0.5, "time_step": 1.0})
+                                            + "\n")
+    assert report.main([str(tmp_path)]) == 0 and (tmp_path / "metrics.png").is_file()
+    assert report.main([str(tmp_path / "no-run")]) == 2 and not (tmp_path / "no-run").exists()
+    (tmp_path / "metrics.png").unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import run_folder; "
+                               "run_folder.lock_run(sys.argv[2]); print('locked', flush=True); time.sleep(60)", ROOT,
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert report.main([str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"PID {holder.pid}" in err[0] and not (tmp_path / "metrics.png").exists(), err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resume: the same run or nothing
 # ---------------------------------------------------------------------------------------------------------

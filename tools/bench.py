@@ -36,9 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo 
 if ROOT not in sys.path:                                             # and the core modules (train, run_folder, ...) sit one
     sys.path.insert(0, ROOT)                                         # folder up
 
-import run_folder
-
 TINY = os.path.join(ROOT, "assets", "tiny-arith")
+CORE = ("train", "guards", "run_folder", "policy", "tasks", "graders", "estimators", "kl_rl", "tools")  # a --tree: its own
 # lever arms: flags added to our matched run; "cuda" ones need a GPU (--rollout-bf16-copy refuses elsewhere)
 LEVERS = {"diag-every-0": ["--diag-every", "0"], "diag-every-10": ["--diag-every", "10"],
           "share-prompt": ["--share-prompt"], "share-prompt+diag-every-10": ["--share-prompt", "--diag-every", "10"],
@@ -154,6 +153,8 @@ def bandwidth(device):
 def ours(spec, tmp):
     """train.main (from spec["tree"]) on the matched configuration; the split is what it logs in metrics.jsonl."""
     sys.path.insert(0, spec["tree"])
+    for name in [n for n in sys.modules if n.split(".")[0] in CORE]:   # none of this checkout's code: the tree's own
+        del sys.modules[name]
     import train
     force_length()
     seen = {}
@@ -165,7 +166,10 @@ def ours(spec, tmp):
             seen.setdefault("model", model)
             return rollout(model, *args, **kwargs)
         policy.rollout = capture
-    train.report = lambda out: None                        # no summary table or plot
+    train.report = lambda out: None                        # no summary table or plot (checkouts before tools/)
+    if os.path.isfile(os.path.join(spec["tree"], "tools", "report.py")):
+        import tools.report
+        tools.report.report = lambda out: None
     out = os.path.join(tmp, "run")
     L, G, P = spec["length"], spec["group_size"], spec["prompts"]
     flags = dict(model=spec["model"], out=out, steps=spec["warmup"] + spec["steps"], prompts_per_step=P, group_size=G,
@@ -281,6 +285,7 @@ def commit(tree):
 
 def run_arm(spec):
     """One arm in a fresh process -> its result dict (raises with the worker's last lines if it failed)."""
+    import run_folder
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM":
            "false"}
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True,

@@ -3,7 +3,8 @@
 Both come from the run folder's metrics.jsonl (run_folder.read_metrics), so `python tools/report.py RUN` redraws them
 for any run, finished or not; comedy.py's study curves use the same moving average.
 
-    python tools/report.py runs/NAME          # the summary table on stdout, RUN/metrics.png rewritten
+    python tools/report.py runs/NAME          # the summary table on stdout, RUN/metrics.png rewritten (not while
+                                              # train.py runs there: it holds the run's lock)
 """
 import io
 import json
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo 
 if ROOT not in sys.path:                                             # here, and run_folder sits one folder up
     sys.path.insert(0, ROOT)
 
-from run_folder import at, last_checkpoint, one_line, read_bounded, read_metrics, write_atomic
+from run_folder import at, last_checkpoint, lock_run, one_line, read_bounded, read_metrics, release_run, write_atomic
 
 
 def moving_average(xs, w):
@@ -85,12 +86,25 @@ def report(out):
         print(f"next: python eval.py --adapter {shlex.quote(out)} --tasks {','.join(cfg.get('eval_tasks') or [cfg['task']])}")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+def main(argv=None):
+    """python tools/report.py RUN: redraw a run's summary and metrics.png, holding its lock -> exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python tools/report.py RUN_FOLDER", file=sys.stderr)
-        sys.exit(2)
+        return 2
     try:
-        report(sys.argv[1])
+        if not os.path.isfile(os.path.join(argv[0], "metrics.jsonl")):
+            raise ValueError(f"{argv[0]} is not a run folder (no metrics.jsonl)")
+        made = lock_run(argv[0])                             # one writer: never while train.py runs there
+        try:
+            report(argv[0])
+        finally:
+            release_run(argv[0], made)
     except (OSError, ValueError, KeyError) as e:
         print(f"report.py: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,7 +96,7 @@ def model_identity(model):
 def legacy_identity(model):
     """The model_id that runs started before full hashing recorded (until 8d6a27b): the sha256 of the config and
     tokenizer files whole and, of each weight file, its name, size, safetensors header and 16 evenly spaced 4 KiB
-    samples. Kept so that those runs stay resumable: a resume accepts either identity (train.start_run)."""
+    samples. Kept so that those runs stay resumable: a resume accepts either identity (guards.check_resume)."""
     folder = model_folder(model)
     if not folder:
         return None

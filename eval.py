@@ -291,6 +291,7 @@ def parse_result(f):
     """An open result file -> its dict, every problem record a Problem; raises one of BAD_RESULT if malformed."""
     res = json.load(f, object_hook=lambda d: compact(d) if "question" in d else d)   # only a problem has a question
     assert isinstance(res, dict) and isinstance(res["config"], dict) and isinstance(res["tasks"], dict), "layout"
+    assert all(isinstance(res["config"].get(k), (str, type(None))) for k in ("model", "adapter")), "config.model/adapter"
     for name, task in res["tasks"].items():   # every problem of a task with the same n samples
         ps = task["problems"]
         assert isinstance(ps, list) and ps and all(isinstance(p, Problem) and p.n == ps[0].n for p in ps), name

@@ -119,7 +119,7 @@ def test_compare_synthetic(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("breakage", ["no tasks' problems", "no config", "greedy missing", "samples unequal",
-                                      "length a string", "problems empty", "not a dict"])
+                                      "length a string", "problems empty", "not a dict", "adapter a number"])
 def test_compare_refuses_malformed_result_files_with_one_line(tmp_path, capsys, breakage):
     good = _result(tmp_path / "a.json", [True, False], [[True, False], [False, False]], model="a")
     res = json.load(open(good))
@@ -129,7 +129,7 @@ def test_compare_refuses_malformed_result_files_with_one_line(tmp_path, capsys, 
      "samples unequal": lambda: probs[1]["samples"]["correct"].append(True),
      "length a string": lambda: probs[0]["greedy"].update(length="3"),
      "problems empty": lambda: res["tasks"]["arith"].update(problems=[]),
-     "not a dict": lambda: probs.append(7)}[breakage]()
+     "not a dict": lambda: probs.append(7), "adapter a number": lambda: res["config"].update(adapter=5)}[breakage]()
     json.dump(res, open(tmp_path / "b.json", "w"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -393,6 +393,17 @@ def test_an_adapter_with_modules_to_save_is_refused(run, finished):
         run_folder.read_adapter_config(str(run / "checkpoint"), str(finished[1]))
 
 
+@pytest.mark.parametrize("targets", [5, ["q_proj", 3], {"q_proj": 1}])
+def test_an_adapter_whose_target_modules_are_not_names_is_refused(run, finished, targets):
+    """peft raised a TypeError from deep inside for `"target_modules": 5`; now one ValueError that says why."""
+    path = run / "checkpoint" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    assert run_folder.read_adapter_config(str(run / "checkpoint"), str(finished[1]))["target_modules"]   # as saved
+    path.write_text(json.dumps({**cfg, "target_modules": targets}))
+    with pytest.raises(ValueError, match="target_modules"):
+        run_folder.read_adapter_config(str(run / "checkpoint"), str(finished[1]))
+
+
 def test_gpu_check_on_a_missing_or_non_json_models_file_is_one_line(tmp_path, capsys):
     from tools import gpu_check
     (tmp_path / "bad.json").write_text("not json")

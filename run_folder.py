@@ -367,10 +367,8 @@ def read_adapter_config(folder, model):
         raise ValueError(f"{path}: modules_to_save = {str(cfg['modules_to_save'])[:60]}; train.py's adapters are "
                          f"LoRA matrices only")
     targets = cfg.get("target_modules")                      # peft takes a name pattern or a list of names
-    if targets is not None and not (isinstance(targets, str) or isinstance(targets, list) and
-                                    all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{path}: target_modules = {str(targets)[:60]}; expected a module name pattern or a list "
-                         f"of module names")
+    if not (targets is None or isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{path}: target_modules = {str(targets)[:60]}; expected a module name pattern or names")
     limit = max_lora_rank(model)
     ranks = {"r": cfg.get("r"), **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
     for key, r in ranks.items():

@@ -220,7 +220,8 @@ def claims(recs, betas):
 
 def claim_row(c):
     """The claim's line in summary.md's table."""
-    settle = f"; ~{c['settle']} seeds would settle it" if c["settle"] else ""
+    settle = (f"; ~{c['settle']} seeds would settle it" if c["settle"] else      # None: past 100 × n seeds
+              f"; not even {100 * c['n']} seeds would settle it" if c["verdict"] == "cannot tell" and c["n"] > 1 else "")
     p = "n/a" if math.isnan(c["p"]) else f"{c['p']:.2g}"
     return (f"| {c['claim']} | {c['at']} | ±{c['margin']:g} | **{c['verdict']}** | {c['holm']} | "
             f"{c['mean']:+.3f} ± {c['half']:.3f} ({c['what']}; {c['n']} seeds, p = {p}{settle}) |")

@@ -18,7 +18,7 @@ average, from its running maximum). A study is one code version: every run recor
 
 Commands
   python tools/comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1} × 6 seeds (docs/toy-study.md)
-  python tools/comedy.py --setup smollm2      # the real-model study (docs/real-model.md; ~30 CPU-hours)
+  python tools/comedy.py --setup smollm2      # the real-model study (docs/real-model.md; 14.6 CPU-hours at β 0.05)
   python tools/comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
   python tools/comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
 Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its

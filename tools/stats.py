@@ -33,6 +33,7 @@ ALPHA = 0.05       # the CIs are 95%; Holm's step-down keeps the chance of any f
 # What counts as "no practical difference" for each measured quantity, fixed here before any data: 2 problems in 100
 # of accuracy, a 0.01 larger fall of the (0-1) training reward, 0.005 nats/token of entropy. summary.md prints them.
 MARGINS = {"accuracy": 0.02, "reward drop": 0.01, "entropy": 0.005}
+SETTLE_CAP = 100   # seeds_to_settle looks up to SETTLE_CAP × the seeds a claim has, then gives up (claim_row says so)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def seeds_to_settle(kind, xs, margin):
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     room = [abs(m)] if kind != "match" else [abs(m) - margin]
     room += [margin - abs(m)] if abs(m) < margin else []
-    for k in range(n + 1, 100 * n):
+    for k in range(n + 1, SETTLE_CAP * n):
         if any(t_quantile(1 - ALPHA / 2, k - 1) * sd / math.sqrt(k) < r for r in room if r > 0):
             return k
     return None
@@ -220,8 +221,9 @@ def claims(recs, betas):
 
 def claim_row(c):
     """The claim's line in summary.md's table."""
-    settle = (f"; ~{c['settle']} seeds would settle it" if c["settle"] else      # None: past 100 × n seeds
-              f"; not even {100 * c['n']} seeds would settle it" if c["verdict"] == "cannot tell" and c["n"] > 1 else "")
+    settle = (f"; ~{c['settle']} seeds would settle it" if c["settle"] else      # None: past SETTLE_CAP × n seeds
+              f"; not even {SETTLE_CAP * c['n']} seeds would settle it" if c["verdict"] == "cannot tell" and c["n"] > 1
+              else "")
     p = "n/a" if math.isnan(c["p"]) else f"{c['p']:.2g}"
     return (f"| {c['claim']} | {c['at']} | ±{c['margin']:g} | **{c['verdict']}** | {c['holm']} | "
             f"{c['mean']:+.3f} ± {c['half']:.3f} ({c['what']}; {c['n']} seeds, p = {p}{settle}) |")

@@ -127,6 +127,74 @@ def test_claim_verdicts_follow_the_ci_rule():
     assert "not even 500 seeds would settle it" in stats.claim_row(dict(on_margin, settle=None))
 
 
+def test_a_second_beta_with_three_arms_adds_the_beta_claims_and_leaves_the_pooled_ones_alone():
+    """The real-model study's shape: all six arms at β = 0.05, only the arms whose claims depend on β at a second β.
+    The β claims appear at both β (collapse at each, instability and lower-β as 0.05 → 1); the pooled claims keep the
+    values of β = 0.05 alone and say so ("β = 0.05", not "every β": the second β does not hold their arms)."""
+    means = {"none": 0.5, "k1-in-reward": 0.7, "k1-in-loss": 0.5, "k3-in-reward": 0.1, "k3-in-loss": 0.6,
+             "k3-in-both": 0.7}
+    full = synthetic(means, spread=0.05, seeds=tuple(range(6)), betas=(0.05,))
+    second = [dict(r, beta=1.0, in_greedy=r["in_greedy"] - 0.2, reward_drop=r["reward_drop"] + 0.3 * (r["arm"] == "k1-in-loss"))
+              for r in full if r["arm"] in ("k1-in-reward", "k1-in-loss", "k3-in-reward")]
+    only = verdicts_of(full, [0.05])
+    both = verdicts_of(full + second, [0.05, 1.0])
+    assert set(both) - set(only) - {(claim, "β = 0.05") for claim, _ in only} == {("K3-in-reward collapses", "β = 1"),
+                                     ("K1-in-loss becomes unstable as β grows", "β 0.05 → 1"),
+                                     ("Lower β does better", "β 0.05 vs 1")}
+    for claim, at in only:
+        if claim.startswith(("K3-in-loss", "... and", "K3-in-both")):
+            assert at == "every β" and both[claim, "β = 0.05"]["xs"] == only[claim, at]["xs"]   # same seeds, same values
+    assert both["Lower β does better", "β 0.05 vs 1"]["mean"] == pytest.approx(0.2)
+    assert both["K1-in-loss becomes unstable as β grows", "β 0.05 → 1"]["mean"] == pytest.approx(0.3)
+    assert both["K3-in-reward collapses", "β = 1"]["mean"] == pytest.approx(0.1 - 0.2 - 0.5, abs=0.1)
+
+
+def test_the_real_model_grid_runs_only_the_beta_arms_at_its_second_beta():
+    """`comedy.py --setup smollm2` is the committed study, no more: six arms × 6 seeds at the first β, and at each
+    further β only the arms of setup["beta_arms"] (a k3-in-loss run at the second β would be hours the claims never
+    read). An explicit --betas runs every arm at every β, as for the toy."""
+    import argparse
+    setup = comedy.SETUPS["smollm2"]
+    args = argparse.Namespace(arms=list(comedy.ARMS), betas=list(setup["betas"]), seeds=list(setup["seeds"]),
+                              beta_arms=setup.get("beta_arms", {}))
+    runs = comedy.grid(args)
+    first, *rest = setup["betas"]
+    assert sorted(rest) == sorted(args.beta_arms) and len(runs) == len(set(runs))
+    assert {(a, s) for a, b, s in runs if b in (0.0, first)} == {(a, s) for a in comedy.ARMS for s in setup["seeds"]}
+    for beta in rest:
+        assert {a for a, b, _ in runs if b == beta} == {"k1-in-reward", "k1-in-loss", "k3-in-reward"}
+    assert len(runs) == 6 * len(setup["seeds"]) + 3 * len(setup["seeds"]) * len(rest)
+    assert len(comedy.grid(argparse.Namespace(**{**vars(args), "beta_arms": {}}))) == \
+        len(setup["seeds"]) * (1 + 5 * len(setup["betas"]))                 # every arm at every β
+
+
+def test_pilot_chose_the_second_beta_by_its_rule():
+    """results/pilot-smollm2/: the rule committed before the pilot (README), applied to the committed pilot runs,
+    gives the second β that second_beta.txt and the smollm2 setup use; the README's table is those runs' values."""
+    from run_folder import read_metrics
+    pilot = os.path.join(ROOT, "results", "pilot-smollm2")
+    readme = open(os.path.join(pilot, "README.md"), encoding="utf-8").read()
+    rule_at, measured_at = readme.index("**The rule**"), readme.index("## What the pilot measured")
+    assert rule_at < measured_at                                      # the rule stands above what was measured
+    learns = {}
+    for beta in (0.3, 1):
+        folder = os.path.join(pilot, f"k1-in-reward-b{beta:g}-s0")
+        cfg, steps = json.load(open(os.path.join(folder, "config.json"))), read_metrics(folder, "train")
+        assert (cfg["kl"], cfg["beta"], cfg["seed"], len(steps)) == ("k1-in-reward", beta, 0, 30)
+        assert cfg["code_commit"].startswith("afcb46b") and cfg["code_dirty"] is False   # the study's code version
+        last, first = [r["reward"] for r in steps[-10:]], [r["reward"] for r in steps[:10]]
+        penalty = sum(r["kl_penalty"] for r in steps[-10:]) / 10
+        row = (f"| {beta:g} | {sum(last) / 10:.3f} | {sum(first) / 10:.3f} | {max(r['reward'] for r in steps):.3f} | "
+               f"{penalty:.3f} | {'yes' if sum(last) / 10 >= 0.30 else 'no'} |")
+        assert row in readme, row
+        learns[beta] = sum(last) / 10 >= 0.30
+    second = next((b for b in (1, 0.3) if learns[b]), 0.1)
+    assert float(open(os.path.join(pilot, "second_beta.txt")).read()) == second
+    assert f"**the second β\nis {second:g}**" in readme
+    setup = comedy.SETUPS["smollm2"]
+    assert setup["betas"] == (0.05, second) and set(setup["beta_arms"]) == {second}
+
+
 def test_verdict_rule_cannot_overlap_and_shows_significant_but_small():
     """Issue 25: +0.013 ± 0.007 with δ = 0.02 both 'held' and 'did not hold' under the old wording. Each (lo, hi)
     now has one verdict, and a CI inside (0, δ) is its own visible case."""
@@ -278,7 +346,8 @@ def test_real_model_study_doc_is_its_summary():
     """docs/real-model.md's study section speaks of the committed real-model study: its arms table and claims table
     are results/comedy-smollm2/summary.md's rows verbatim (every mean ± CI, every verdict, Holm's too), every other
     'mean ± CI' in the section is in one of the two summaries, and the study is what issue 25 asked for: at least 6
-    seeds of each of the six arms at β = 0.05, one clean code version, its run count stated."""
+    seeds of each of the six arms at β = 0.05, at a second β the three arms whose claims depend on β with as many,
+    one clean code version, its run count stated."""
     folder = os.path.join(ROOT, "results", "comedy-smollm2")
     runs = [json.loads(line) for line in open(os.path.join(folder, "runs.jsonl"))]
     summary = open(os.path.join(folder, "summary.md"), encoding="utf-8").read().replace("−", "-")
@@ -293,5 +362,10 @@ def test_real_model_study_doc_is_its_summary():
         assert pair in summaries, f"docs/real-model.md: {pair} is in neither summary.md"
     for arm in comedy.ARMS:
         assert len({r["seed"] for r in runs if r["arm"] == arm and r["beta"] in (0.0, 0.05)}) >= 6, arm
+    for beta in {r["beta"] for r in runs} - {0.0, 0.05}:   # a second β: the three arms its claims need, as many seeds
+        at = {arm: {r["seed"] for r in runs if r["arm"] == arm and r["beta"] == beta} for arm in comedy.ARMS}
+        assert {arm for arm in at if at[arm]} == {"k1-in-reward", "k1-in-loss", "k3-in-reward"}, beta
+        assert all(len(at[arm]) >= 6 for arm in ("k1-in-reward", "k1-in-loss", "k3-in-reward")), beta
+        assert f"β = {beta:g}" in section
     assert len({(r["code_commit"], r["code_dirty"]) for r in runs}) == 1 and runs[0]["code_dirty"] is False
     assert f"{len(runs)} runs" in section and runs[0]["code_commit"][:7] in section

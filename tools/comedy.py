@@ -8,7 +8,8 @@ Two setups (--setup):
   tiny     the shipped 0.5M-parameter model on `arith`; OOD `arith_spaced` (the same held-out problems written
            "a + b ="); 6 arms × β {0.05, 0.3, 1} × 6 seeds, 150 steps, T = 1.
   smollm2  the real SmolLM2-135M-Instruct (real_model.py) with --preset smollm2-cpu on `arith_q`; OOD `mul_q` (the
-           times table: a skill RL on addition never trains); 6 arms × β 0.05 × 6 seeds, T = 0.7.
+           times table: a skill RL on addition never trains); 6 arms × β 0.05 × 6 seeds, and the 3 arms whose
+           claims depend on β (k1-in-reward, k1-in-loss, k3-in-reward) × β 0.1 × 6 seeds; T = 0.7.
 
 Simplifications: the paper's 7B models, MATH and 250 steps become small models, arithmetic and short runs; CIs are
 over training seeds (t-interval on the seed means), the only randomness the paper's claims are about. "Collapse"
@@ -52,10 +53,13 @@ SETUPS = {
     "tiny": dict(out="comedy", in_task="arith", ood_task="arith_spaced", arms=ARMS, betas=(0.05, 0.3, 1.0),
                  seeds=(0, 1, 2, 3, 4, 5), steps=150, eval_n=500, train=["--save-every", "25"],
                  eval=["--max-new-tokens", "8", "--batch-size", "125"], samples=4, temperature=1.0),
-    # the real model (real_model.py) on its task, one β where the KL term matters (β·KL ≈ 0.1-0.5 of the reward);
+    # the real model (real_model.py) on its task, at β = 0.05, where the KL term matters (β·KL ≈ 0.1-0.5 of the
+    # reward), and at a second β only the arms whose claims depend on β (stats.claims: collapse, instability, lower β
+    # better); 0.1 is what a recorded pilot chose by a rule committed before it ran (results/pilot-smollm2/README.md).
     # --eval-n 0: the runs do no held-out evaluation of their own (their step-0 one is the base evaluation, their
     # last one eval.py's), eval.py evaluates each final adapter on 200 problems per task
-    "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q", arms=ARMS, betas=(0.05,),
+    "smollm2": dict(out="comedy-smollm2", in_task="arith_q", ood_task="mul_q", arms=ARMS, betas=(0.05, 0.1),
+                    beta_arms={0.1: ("k1-in-reward", "k1-in-loss", "k3-in-reward")},
                     seeds=(0, 1, 2, 3, 4, 5), steps=None, eval_n=200,
                     train=["--preset", "smollm2-cpu", "--save-every", "5", "--eval-n", "0"],
                     eval=["--model", "smollm2-135m", "--max-new-tokens", "32", "--batch-size", "50"], samples=2,
@@ -68,8 +72,10 @@ STUDY_FILES = (".lock", "base-eval.json", "runs.jsonl", "summary.md", "curves.pn
 # Running: one train.py + eval.py per (arm, β, seed), in parallel processes, skipping finished runs
 # ---------------------------------------------------------------------------------------------------------
 def grid(args):
+    only = getattr(args, "beta_arms", {})          # {β: the arms that run at it}; a β not in it runs every arm
     runs = [("none", 0.0, s) for s in args.seeds] if "none" in args.arms else []
-    return runs + [(a, b, s) for a in args.arms if a != "none" for b in args.betas for s in args.seeds]
+    return runs + [(a, b, s) for a in args.arms if a != "none" for b in args.betas if a in only.get(b, (a,))
+                   for s in args.seeds]
 
 
 def finished(folder):
@@ -334,12 +340,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.setup = setup = SETUPS[args.setup]
     args.in_task, args.ood_task = setup["in_task"], setup["ood_task"]
+    args.beta_arms = setup.get("beta_arms", {}) if args.betas is None else {}   # an explicit --betas: every arm
     for key in ("arms", "betas", "seeds", "steps", "eval_n"):
         if getattr(args, key) is None:
             setattr(args, key, list(setup[key]) if isinstance(setup[key], tuple) else setup[key])
     args.out = args.out or os.path.join(ROOT, "results", setup["out"])
     if args.smoke:
         args.arms, args.betas, args.seeds, args.steps, args.eval_n = ["k1-in-reward", "k3-in-loss"], [0.3], [0], 3, 40
+        args.beta_arms = {}
         args.train_flags = ["--prompts-per-step", "4", *args.train_flags]
     if args.jobs < 1 or (args.steps is not None and args.steps < 1) or args.eval_n < 4 or min(args.betas) < 0:
         ap.error("need --jobs >= 1, --steps >= 1, --eval-n >= 4 and β >= 0")

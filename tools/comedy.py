@@ -43,9 +43,10 @@ if ROOT not in sys.path:                                             # and the c
 
 from run_folder import die_with_parent, holder, lock_run, open_nofollow, read_metrics, write_atomic
 from tools.report import moving_average
-# the statistics (intervals, the verdict rule, the claims) are stats.py's; by_seed, paired_diff and t_quantile are
-# imported only to stay reachable as comedy.<name>, as notebooks 03 and 05 call them
-from tools.stats import MARGINS, by_seed, cell, claim_row, claims, mean_ci, paired_diff, t_quantile  # noqa: F401
+# the statistics (intervals, the verdict rule, the claims) are stats.py's; by_seed, paired_diff, seed_means and
+# t_quantile are imported only to stay reachable as comedy.<name>, as notebooks 03 and 05 call them
+from tools.stats import (MARGINS, by_seed, cell, claim_row, claims, mean_ci, paired_diff,  # noqa: F401
+                         seed_means, t_quantile)
 
 ARMS = ("none", "k1-in-reward", "k1-in-loss", "k3-in-reward", "k3-in-loss", "k3-in-both")
 # --setup: the model, its in-domain and out-of-domain tasks, and how runs are trained and evaluated

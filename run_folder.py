@@ -434,16 +434,15 @@ def metrics_until(run, step):
     if any(type(r.get("step")) is not int for r in recs):
         raise ValueError(f"{shown}: a record without an integer step")
     if torn:
-        print(f"train.py: note: the last record of {os.path.join(run, 'metrics.jsonl')} was cut off (a crash or a "
-              f"full disk mid-write); it lies after the step-{step} checkpoint, so it is dropped and redone",
-              file=sys.stderr)
+        print(f"train.py: note: the last record of {shown} was cut off (a crash or a full disk mid-write); it lies "
+              f"after the step-{step} checkpoint, so it is dropped and redone", file=sys.stderr)
     return "".join(line + "\n" for r, line in zip(recs, lines) if r["step"] < step)
 
 
 def append_record(run, name, rec):
     """Add one JSON record to <run>/<name> (resumes.jsonl) by rewriting it whole (write_atomic): never through a
     link, and a last record cut off by an earlier crash is dropped rather than glued to this one."""
-    recs, lines, _ = read_records(at(run, name), shown=os.path.join(run, name))
+    _, lines, _ = read_records(at(run, name), shown=os.path.join(run, name))
     write_atomic(at(run, name), "".join(line + "\n" for line in lines) + json.dumps(rec) + "\n")
 
 

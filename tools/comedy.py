@@ -19,7 +19,7 @@ average, from its running maximum). A study is one code version: every run recor
 
 Commands
   python tools/comedy.py                      # the tiny study: 6 arms × β {0.05, 0.3, 1} × 6 seeds (docs/toy-study.md)
-  python tools/comedy.py --setup smollm2      # the real-model study (docs/real-model.md; 14.6 CPU-hours at β 0.05)
+  python tools/comedy.py --setup smollm2      # the real-model study (docs/real-model.md; 20.7 CPU-hours, 54 runs)
   python tools/comedy.py --smoke --out /tmp/c # 2 arms × 1 β × 1 seed × 3 steps: what the tests run
   python tools/comedy.py --setup smollm2 --report   # summarise the finished runs of a study still running; run nothing
 Re-running skips finished runs (a run is finished when its eval.json parses; an interrupted one resumes from its
@@ -268,8 +268,8 @@ def curves(out, folders, betas, arms, setup, recs):
             ax.set(title=f"{title}, β = {beta:g}", xlabel="step", ylabel=unit)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
-        ax = axes[i, -1]
-        for k, arm in enumerate(arms):
+        ax, ran = axes[i, -1], [a for a in arms if cell(recs, a, beta, "in_greedy")]   # a second β runs fewer arms
+        for k, arm in enumerate(ran):
             for tag in ("in", "ood"):
                 ys = cell(recs, arm, beta, f"{tag}_greedy")
                 x = k + (0.15 if tag == "ood" else -0.15)
@@ -277,9 +277,9 @@ def curves(out, folders, betas, arms, setup, recs):
                            facecolors=colors[arm] if tag == "in" else "none")
                 if ys:
                     ax.hlines(sum(ys) / len(ys), x - 0.12, x + 0.12, color=colors[arm], lw=2)
-        ax.set(title=f"final greedy accuracy, β = {beta:g}", ylim=(0, 1), xticks=range(len(arms)),
+        ax.set(title=f"final greedy accuracy, β = {beta:g}", ylim=(0, 1), xticks=range(len(ran)),
                ylabel="accuracy (• in domain, ○ OOD; bar = mean)")
-        ax.set_xticklabels(arms, rotation=30, fontsize=7)
+        ax.set_xticklabels(ran, rotation=30, fontsize=7)
     fig.suptitle(f"KL arms, {setup['in_task']} ({'the tiny model' if setup is SETUPS['tiny'] else 'SmolLM2-135M'}): "
                  "seeds thin, mean bold, band = 95% t-interval of the mean over seeds (from 3 seeds on, within the "
                  "quantity's range; 5-step moving average)")

@@ -275,8 +275,7 @@ def curves(out, folders, betas, arms, setup, recs):
                 x = k + (0.15 if tag == "ood" else -0.15)
                 ax.scatter([x] * len(ys), ys, s=18, color=colors[arm],
                            facecolors=colors[arm] if tag == "in" else "none")
-                if ys:
-                    ax.hlines(sum(ys) / len(ys), x - 0.12, x + 0.12, color=colors[arm], lw=2)
+                ax.hlines(sum(ys) / len(ys), x - 0.12, x + 0.12, color=colors[arm], lw=2)
         ax.set(title=f"final greedy accuracy, β = {beta:g}", ylim=(0, 1), xticks=range(len(ran)),
                ylabel="accuracy (• in domain, ○ OOD; bar = mean)")
         ax.set_xticklabels(ran, rotation=30, fontsize=7)
